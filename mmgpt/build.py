@@ -1,0 +1,94 @@
+"""Build a model and its processor from a preset, a config, or pretrained parts by name."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from mmgpt.config import MMGPTConfig
+from mmgpt.model import MMGPTModel
+from mmgpt.processor import MMGPTProcessor, train_bpe_tokenizer
+
+
+def _mark_initialised(module) -> None:
+    # Loaded weights must survive the composite model's post_init weight initialisation.
+    for m in module.modules():
+        m._is_hf_initialized = True
+
+
+def build_model(
+    config: MMGPTConfig | str | dict,
+    texts: Iterable[str] | None = None,
+    attn_implementation: str = "sdpa",
+) -> tuple[MMGPTModel, MMGPTProcessor]:
+    """-> (model, processor).
+
+    `config`: a preset name (`tiny`, `base`), a path to a preset JSON, a dict of config fields, or an
+    MMGPTConfig. Parts named in `vision_pretrained` / `text_pretrained` (hub ids or local folders)
+    load with `from_pretrained`; cross-attention, adapter and projections start new. A decoder built
+    from a config gets a byte-level BPE trained on `texts` (required then).
+    """
+    from encoders import build_encoder
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    if isinstance(config, str):
+        config = MMGPTConfig.from_preset(config)
+    elif isinstance(config, dict):
+        config = MMGPTConfig(**config)
+    vision_spec = dict(config.vision)
+    text = dict(config.text)
+
+    vision = None
+    if config.vision_pretrained:
+        vision = build_encoder(
+            vision_spec["backend"], pretrained=config.vision_pretrained, attn_implementation=attn_implementation
+        )
+        _mark_initialised(vision)
+        vision_spec = vision.config_dict()
+
+    decoder = None
+    if config.text_pretrained:
+        decoder = GPT2LMHeadModel.from_pretrained(
+            config.text_pretrained, add_cross_attention=True, attn_implementation=attn_implementation
+        )
+        for name, module in decoder.named_modules():
+            if "crossattention" not in name and "ln_cross_attn" not in name:
+                module._is_hf_initialized = True
+        tokenizer = AutoTokenizer.from_pretrained(config.text_pretrained)
+        text = {k: v for k, v in decoder.config.to_dict().items() if k not in ("architectures", "transformers_version")}
+    else:
+        if texts is None:
+            raise ValueError(
+                "a decoder built from a config needs training texts for its tokenizer: pass texts=[...] "
+                "(or set text_pretrained to a pretrained decoder such as 'gpt2')"
+            )
+        tok_spec = config.tokenizer or {}
+        tokenizer = train_bpe_tokenizer(texts, vocab_size=int(tok_spec.get("vocab_size", 1024)))
+        text["vocab_size"] = len(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    text["bos_token_id"] = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    text["eos_token_id"] = tokenizer.eos_token_id
+    text["pad_token_id"] = tokenizer.pad_token_id
+
+    cfg = config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures"):
+        cfg.pop(key, None)
+    cfg.update(vision=vision_spec, text=text)
+    cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"] = (
+        text["bos_token_id"], text["eos_token_id"], text["pad_token_id"]
+    )
+    config = MMGPTConfig(**cfg)
+    config._attn_implementation = attn_implementation
+    model = MMGPTModel(config, vision=vision, decoder=decoder)
+    model.generation_config.bos_token_id = text["bos_token_id"]
+    model.generation_config.eos_token_id = text["eos_token_id"]
+    model.generation_config.pad_token_id = text["pad_token_id"]
+    enc = model.vision
+    processor = MMGPTProcessor(
+        tokenizer,
+        image_size=enc.image_size,
+        image_mean=enc.image_mean,
+        image_std=enc.image_std,
+        max_length=min(int(text.get("n_positions", 1024)), 1024),
+    )
+    return model, processor

@@ -1,0 +1,331 @@
+"""MMGPTModel: ViT encoder -> adapter -> GPT-2 decoder with cross-attention; ITC + LM in one forward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, GPT2LMHeadModel, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.utils import ModelOutput
+
+from encoders import build_encoder
+from mmgpt.adapter import build_adapter
+from mmgpt.config import MMGPTConfig
+from mmgpt.losses import contrastive_loss
+
+
+@dataclass
+class MMGPTOutput(ModelOutput):
+    """Every field is always present (None when not computed): the type never changes with flags."""
+
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    itc_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (B, T, V)
+    image_embeds: torch.Tensor | None = None  # (B_img, E), L2-normed
+    text_embeds: torch.Tensor | None = None  # (B_itc, E), L2-normed
+    logit_scale: torch.Tensor | None = None
+    cache: Cache | None = None
+
+
+@dataclass
+class ImageFeatures:
+    tokens: torch.Tensor  # (B, K, Dt) adapter output, the decoder's cross-attention memory
+    pooled: torch.Tensor  # (B, Dv) encoder's pooled vector
+
+
+class MMGPTPreTrainedModel(PreTrainedModel):
+    config_class = MMGPTConfig
+    base_model_prefix = "mmgpt"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _no_split_modules = ["GPT2Block", "ViTLayer"]
+
+    def _init_weights(self, module):
+        # Parts come initialised by their own classes (ViT, GPT-2); only our own layers need this.
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"decoder.lm_head.weight": "decoder.transformer.wte.weight"}
+
+    def __init__(self, config: MMGPTConfig, vision=None, decoder: GPT2LMHeadModel | None = None):
+        super().__init__(config)
+        attn = getattr(config, "_attn_implementation", None) or "sdpa"
+        if attn not in ("sdpa", "eager"):
+            attn = "sdpa"
+        self.vision = vision or build_encoder(
+            config.vision["backend"], config=config.vision.get("config") or {}, attn_implementation=attn
+        )
+        if decoder is None:
+            decoder = GPT2LMHeadModel._from_config(config.text_config, attn_implementation=attn)
+        self.decoder = decoder
+        tcfg = decoder.config
+        self.k = config.unimodal_layers
+        # Unimodal layers never see the image: they own no cross-attention weights (DDP needs every
+        # parameter to get a gradient).
+        for block in decoder.transformer.h[: self.k]:
+            for name in ("crossattention", "ln_cross_attn"):
+                if hasattr(block, name):
+                    delattr(block, name)
+        dv, dt = self.vision.hidden_size, tcfg.n_embd
+        self.adapter = build_adapter(config.adapter, dv, dt)
+        e = config.projection_dim
+        self.image_proj = nn.Linear(dv, e, bias=False)
+        self.text_proj = nn.Linear(dt, e, bias=False)
+        # The CoCa split reads the text embedding mid-decoder, before ln_f: give it its own norm.
+        self.text_norm = nn.LayerNorm(dt) if self.k > 0 else None
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+        self.post_init()
+
+    # --- parts -----------------------------------------------------------------------------------
+
+    def get_input_embeddings(self):
+        return self.decoder.transformer.wte
+
+    def set_input_embeddings(self, value):
+        self.decoder.transformer.wte = value
+
+    def get_output_embeddings(self):
+        return self.decoder.lm_head
+
+    # --- image side ------------------------------------------------------------------------------
+
+    def encode_image(self, pixel_values: torch.Tensor) -> ImageFeatures:
+        out = self.vision(pixel_values)  # patch_tokens (B, N, Dv), pooled (B, Dv)
+        return ImageFeatures(tokens=self.adapter(out.patch_tokens), pooled=out.pooled)
+
+    def image_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(pooled), dim=-1)  # (B, E)
+
+    # --- text side -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _positions(attention_mask, past: int, q_len: int, device) -> torch.Tensor:
+        if attention_mask is None:
+            return torch.arange(past, past + q_len, device=device).unsqueeze(0)  # (1, T)
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, past + T)
+        return pos[:, -q_len:]
+
+    def _self_attn_mask(self, attention_mask, past: int, q_len: int, dtype, device):
+        """None where SDPA's own causal path is exact; else an additive (B, 1, T, past + T) mask."""
+        sdpa = self.decoder.config._attn_implementation == "sdpa"
+        if attention_mask is None:
+            if sdpa and (past == 0 or q_len == 1):
+                return None
+            attention_mask = torch.ones(1, past + q_len, device=device, dtype=torch.long)
+        elif sdpa and past == 0 and q_len > 1:
+            am = attention_mask.bool()
+            # Right padding only: real tokens never look right, so the plain causal kernel is exact for them.
+            if bool((am[:, 1:] <= am[:, :-1]).all()):
+                return None
+        elif sdpa and q_len == 1 and bool(attention_mask.bool().all()):
+            return None
+        k_len = attention_mask.shape[-1]
+        q_pos = torch.arange(k_len - q_len, k_len, device=device).view(-1, 1)  # (T, 1)
+        k_pos = torch.arange(k_len, device=device).view(1, -1)  # (1, K)
+        allowed = (k_pos <= q_pos).unsqueeze(0) & attention_mask.bool()[:, None, :]  # (B, T, K)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask.unsqueeze(1)  # (B, 1, T, K)
+
+    def run_decoder(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool = False,
+        stop_after: int | None = None,
+        tap_layer: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Cache | None]:
+        """Run GPT-2 blocks; layers >= k cross-attend to `memory` (B, K, Dt) when given.
+
+        Returns (hidden after ln_f, or after `stop_after` layers without ln_f; the hidden state entering
+        layer `tap_layer` if asked; the cache).
+        """
+        tr = self.decoder.transformer
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config.text_config)
+        if use_cache and memory is not None and not isinstance(cache, EncoderDecoderCache):
+            cache = EncoderDecoderCache(cache, DynamicCache(config=self.config.text_config))
+        past = cache.get_seq_length() if cache is not None else 0
+        q_len = input_ids.shape[1]
+        if position_ids is None:
+            position_ids = self._positions(attention_mask, past, q_len, input_ids.device)
+        h = tr.wte(input_ids) + tr.wpe(position_ids)  # (B, T, Dt)
+        h = tr.drop(h)
+        mask = self._self_attn_mask(attention_mask, past, q_len, h.dtype, h.device)
+        tapped = None
+        n_layers = len(tr.h) if stop_after is None else stop_after
+        for i, block in enumerate(tr.h[:n_layers]):
+            if i == tap_layer:
+                tapped = h
+            mem = memory if i >= self.k else None
+            h = block(h, cache, mask, mem, encoder_attention_mask=None, use_cache=use_cache, position_ids=position_ids)
+        if tap_layer is not None and tap_layer == n_layers:
+            tapped = h
+        if stop_after is None:
+            h = tr.ln_f(h)
+        return h, tapped, cache
+
+    def _text_embedding(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Hidden state at the last real token (EOS) -> projection -> L2 norm."""
+        if attention_mask is None:
+            last = torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
+        else:
+            last = attention_mask.long().sum(-1) - 1  # right padding: index of EOS, (B,)
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, Dt)
+        if self.text_norm is not None:
+            h = self.text_norm(h)
+        return F.normalize(self.text_proj(h), dim=-1)  # (B, E)
+
+    def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Image-free text embedding (the one ITC uses): the first k layers in the CoCa split, else all."""
+        if self.k > 0:
+            hidden, _, _ = self.run_decoder(input_ids, attention_mask, stop_after=self.k)
+        else:
+            hidden, _, _ = self.run_decoder(input_ids, attention_mask)
+        return self._text_embedding(hidden, attention_mask)
+
+    def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.image_embedding(self.vision(pixel_values).pooled)
+
+    # --- forward ---------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+        itc_mask: torch.Tensor | None = None,
+        itc_groups: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        compute_itc: bool | None = None,
+        **kwargs,
+    ) -> MMGPTOutput:
+        """
+        input_ids, attention_mask: (B, T) right-padded (left padding is fine for generation).
+        pixel_values: (B_img, 3, H, W); image_index: (B,) row of pixel_values for each text row
+            (several texts may share an image; default: one image per row).
+        labels: (B, T) next-token targets aligned with input_ids (-100 = ignore); shifted here.
+        itc_mask: (B,) bool, rows whose text is a caption of its image (ITC pairs); default: all rows
+            when ITC is on. itc_groups: (B,) ids; equal ids mark identical captions (all positives).
+        encoder_hidden_states: (B, K, Dt) precomputed adapter output (generation passes it).
+        """
+        kwargs.pop("past_key_values", None) if cache is not None else None
+        if cache is None and "past_key_values" in kwargs:
+            cache = kwargs.pop("past_key_values")
+        cfg = self.config
+        if compute_itc is None:
+            compute_itc = labels is not None and cfg.itc_weight > 0 and pixel_values is not None
+        pooled = None
+        if encoder_hidden_states is None and pixel_values is not None:
+            feats = self.encode_image(pixel_values)  # tokens (B_img, K, Dt)
+            memory, pooled = feats.tokens, feats.pooled
+            if image_index is not None:
+                memory = memory[image_index]  # (B, K, Dt)
+        else:
+            memory = encoder_hidden_states
+
+        tap = self.k if (compute_itc and self.k > 0) else None
+        hidden, tapped, cache = self.run_decoder(
+            input_ids, attention_mask, memory, position_ids, cache, bool(use_cache), tap_layer=tap
+        )
+        logits = self.decoder.lm_head(hidden)  # (B, T, V)
+
+        lm_loss = itc_loss = image_embeds = text_embeds = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # (B*(T-1), V)
+            shift_labels = labels[:, 1:].reshape(-1)  # (B*(T-1),)
+            lm_loss = F.cross_entropy(
+                shift_logits.float(), shift_labels, ignore_index=-100, label_smoothing=cfg.label_smoothing
+            )
+        logit_scale = self.logit_scale.exp().clamp(max=cfg.logit_scale_max)
+        if compute_itc:
+            rows = (
+                torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+                if itc_mask is None
+                else itc_mask.bool()
+            )
+            img_rows = image_index[rows] if image_index is not None else rows.nonzero().squeeze(1)
+            image_embeds = self.image_embedding(pooled[img_rows])  # (b, E)
+            am = attention_mask[rows] if attention_mask is not None else None
+            if self.k > 0:
+                text_hidden = tapped[rows]  # (b, T, Dt): the unimodal layers' output, same pass
+            else:
+                text_hidden, _, _ = self.run_decoder(input_ids[rows], am)  # image-free pass
+            text_embeds = self._text_embedding(text_hidden, am)  # (b, E)
+            groups = itc_groups[rows] if itc_groups is not None else None
+            itc_loss = contrastive_loss(image_embeds, text_embeds, logit_scale, groups)
+
+        loss = None
+        if lm_loss is not None:
+            loss = cfg.lm_weight * lm_loss
+        if itc_loss is not None:
+            loss = cfg.itc_weight * itc_loss if loss is None else loss + cfg.itc_weight * itc_loss
+        return MMGPTOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            itc_loss=itc_loss,
+            logits=logits,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            logit_scale=logit_scale,
+            cache=cache if use_cache else None,
+        )
+
+    # --- generation ------------------------------------------------------------------------------
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, **kwargs):
+        inputs = super().prepare_inputs_for_generation(input_ids, cache=cache, attention_mask=attention_mask, **kwargs)
+        inputs.pop("pixel_values", None)  # the memory is computed once, in generate()
+        return inputs
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """Caption (no prompt) or answer (prompt in input_ids, left-padded) images.
+
+        The image goes through encoder and adapter once; each step reuses the memory, and the
+        cross-attention keys/values are cached after the first step. Returns prompt + new tokens,
+        as transformers' generate does for decoder-only models.
+        """
+        if encoder_hidden_states is None:
+            if pixel_values is None:
+                raise ValueError("generate() needs pixel_values or encoder_hidden_states")
+            encoder_hidden_states = self.encode_image(pixel_values).tokens  # (B, K, Dt)
+        b = encoder_hidden_states.shape[0]
+        if input_ids is None:
+            bos = self.generation_config.bos_token_id
+            if bos is None:
+                bos = self.config.text_config.bos_token_id
+            input_ids = torch.full((b, 1), bos, dtype=torch.long, device=encoder_hidden_states.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return super().generate(
+            input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states, **kwargs
+        )

@@ -1,0 +1,194 @@
+"""MMGPTProcessor: image transform + tokenizer + prompt templates, saved next to the model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from encoders import build_image_transform, load_image
+
+PROCESSOR_FILE = "mmgpt_processor.json"
+EOS = "<|endoftext|>"
+DEFAULT_TEMPLATES = {"caption": "", "vqa": "question: {question} answer:"}
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 1) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (GPT-2's scheme) trained on `texts` with the `tokenizers` library.
+
+    `<|endoftext|>` is BOS, EOS and PAD, as in GPT-2; byte fallback means any text still encodes.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=EOS)
+
+
+class MMGPTProcessor:
+    """Turns images and texts into model inputs, and generated ids back into text.
+
+    A training sequence is `[BOS] prompt target [EOS]`; LM labels keep only `target [EOS]`.
+    Captions have an empty prompt; a question becomes `question: {q} answer:` and its answer
+    follows after a space.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        image_size: int = 224,
+        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+        image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        templates: dict | None = None,
+        max_length: int = 64,
+        train_scale: Sequence[float] = (0.8, 1.0),
+    ):
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+        self.image_size = int(image_size)
+        self.image_mean = tuple(float(x) for x in image_mean)
+        self.image_std = tuple(float(x) for x in image_std)
+        self.templates = {**DEFAULT_TEMPLATES, **(templates or {})}
+        self.max_length = int(max_length)
+        self.train_scale = tuple(train_scale)
+        self.eval_transform = build_image_transform(self.image_size, self.image_mean, self.image_std, train=False)
+        self.train_transform = build_image_transform(
+            self.image_size, self.image_mean, self.image_std, train=True, scale=self.train_scale
+        )
+
+    # --- ids -------------------------------------------------------------------------------------
+
+    @property
+    def bos_id(self) -> int:
+        return self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def prompt_text(self, task: str, prompt: str = "") -> str:
+        if task == "caption":
+            return self.templates["caption"]
+        if task == "vqa":
+            return self.templates["vqa"].format(question=prompt.strip())
+        raise ValueError(f"task {task!r} is unknown: use 'caption' or 'vqa'")
+
+    def encode_prompt(self, task: str, prompt: str = "") -> list[int]:
+        text = self.prompt_text(task, prompt)
+        return [self.bos_id] + (self.tokenizer.encode(text, add_special_tokens=False) if text else [])
+
+    def encode_example(self, task: str, prompt: str, target: str) -> tuple[list[int], list[int]]:
+        """-> (input_ids, labels) for one record; labels are -100 over BOS and prompt."""
+        p = self.encode_prompt(task, prompt)
+        t_text = target.strip()
+        if task == "vqa" or (self.templates["caption"] and task == "caption"):
+            t_text = " " + t_text
+        t = self.tokenizer.encode(t_text, add_special_tokens=False) + [self.eos_id]
+        ids = (p + t)[: self.max_length]
+        labels = ([-100] * len(p) + t)[: self.max_length]
+        return ids, labels
+
+    def pad(self, seqs: list[list[int]], side: str = "right", value: int | None = None) -> torch.Tensor:
+        value = self.pad_id if value is None else value
+        width = max(len(s) for s in seqs)
+        out = torch.full((len(seqs), width), value, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if side == "right":
+                out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            else:
+                out[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        return out
+
+    def batch_examples(self, tasks: Sequence[str], prompts: Sequence[str], targets: Sequence[str]) -> dict:
+        """Right-padded training batch: input_ids, attention_mask, labels (B, T)."""
+        pairs = [self.encode_example(t, p, y) for t, p, y in zip(tasks, prompts, targets)]
+        ids = self.pad([p[0] for p in pairs])
+        labels = self.pad([p[1] for p in pairs], value=-100)
+        mask = self.pad([[1] * len(p[0]) for p in pairs], value=0)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def batch_prompts(self, tasks: Sequence[str], prompts: Sequence[str]) -> dict:
+        """Left-padded generation prompts: input_ids, attention_mask (B, T)."""
+        seqs = [self.encode_prompt(t, p) for t, p in zip(tasks, prompts)]
+        return {
+            "input_ids": self.pad(seqs, side="left"),
+            "attention_mask": self.pad([[1] * len(s) for s in seqs], side="left", value=0),
+        }
+
+    def batch_texts(self, texts: Sequence[str]) -> dict:
+        """Texts to embed (retrieval): `[BOS] text [EOS]`, right-padded, as captions are in training."""
+        return self.batch_examples(["caption"] * len(texts), [""] * len(texts), list(texts))
+
+    def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def batch_decode(self, ids: torch.Tensor) -> list[str]:
+        return [self.decode(row) for row in ids]
+
+    # --- images ----------------------------------------------------------------------------------
+
+    def images(self, images: Sequence, train: bool = False) -> torch.Tensor:
+        """Paths, bytes or PIL images -> (B, 3, S, S) float tensor."""
+        tf = self.train_transform if train else self.eval_transform
+        return torch.stack([tf(load_image(im)) for im in images])
+
+    def __call__(self, images=None, text=None, task: str = "caption", train: bool = False) -> dict:
+        out = {}
+        if images is not None:
+            out["pixel_values"] = self.images(images if isinstance(images, (list, tuple)) else [images], train)
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            out.update(self.batch_prompts([task] * len(texts), texts))
+        return out
+
+    # --- persistence -----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return {
+            "processor_class": type(self).__name__,
+            "image_size": self.image_size,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "templates": self.templates,
+            "max_length": self.max_length,
+            "train_scale": list(self.train_scale),
+        }
+
+    def save_pretrained(self, path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(path)
+        (path / PROCESSOR_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> "MMGPTProcessor":
+        path = Path(path)
+        cfg_file = path / PROCESSOR_FILE
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{path}: no {PROCESSOR_FILE}; is this an mmgpt model folder?")
+        data = json.loads(cfg_file.read_text())
+        data.pop("processor_class", None)
+        data.update(kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return cls(tokenizer, **data)

@@ -1,0 +1,207 @@
+"""Model core against independent references: transformers' VisionEncoderDecoder, hand-computed ITC,
+cached vs uncached generation, one-by-one vs batched, save/load."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, ViTConfig, ViTModel, VisionEncoderDecoderModel
+
+from mmgpt import MMGPTConfig, MMGPTModel, MMGPTProcessor, build_model
+from mmgpt.losses import contrastive_loss
+
+VIT = dict(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+           intermediate_size=96, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+GPT = dict(n_embd=64, n_layer=3, n_head=4, n_positions=48, vocab_size=120, resid_pdrop=0.0, embd_pdrop=0.0,
+           attn_pdrop=0.0, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+
+
+def make_model(seed=0, **over) -> MMGPTModel:
+    torch.manual_seed(seed)
+    kw = dict(vision={"backend": "vit", "config": VIT}, text=GPT, adapter={"type": "linear"}, projection_dim=32,
+              bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    cfg = MMGPTConfig(**{**kw, **over})
+    model = MMGPTModel(cfg).eval()
+    model.generation_config.bos_token_id = 0
+    model.generation_config.eos_token_id = 1
+    model.generation_config.pad_token_id = 1
+    return model
+
+
+def make_ved_with_same_weights(model: MMGPTModel) -> VisionEncoderDecoderModel:
+    enc = ViTModel(ViTConfig(**VIT))
+    dec = GPT2LMHeadModel(GPT2Config(**GPT, add_cross_attention=True, is_decoder=True))
+    ved = VisionEncoderDecoderModel(encoder=enc, decoder=dec).eval()
+    missing = ved.encoder.load_state_dict(model.vision.model.state_dict(), strict=False)
+    assert not missing.missing_keys or all("pooler" in k for k in missing.missing_keys)
+    ved.decoder.load_state_dict(model.decoder.state_dict())
+    ved.enc_to_dec_proj.load_state_dict(model.adapter.proj.state_dict())
+    return ved
+
+
+def test_logits_and_greedy_tokens_match_vision_encoder_decoder():
+    model = make_model()
+    ved = make_ved_with_same_weights(model)
+    torch.manual_seed(1)
+    pixels = torch.randn(3, 3, 32, 32)
+    ids = torch.randint(2, 120, (3, 9))
+    ids[:, 0] = 0
+    with torch.no_grad():
+        ours = model(input_ids=ids, pixel_values=pixels).logits
+        ref = ved(pixel_values=pixels, decoder_input_ids=ids).logits
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+
+    ours_tok = model.generate(pixel_values=pixels, max_new_tokens=10, do_sample=False)
+    ref_tok = ved.generate(pixel_values=pixels, max_new_tokens=10, do_sample=False, decoder_start_token_id=0,
+                           eos_token_id=1, pad_token_id=1)
+    assert ours_tok.shape == ref_tok.shape
+    assert torch.equal(ours_tok, ref_tok)
+
+
+def test_cached_and_uncached_generation_agree_and_batch_matches_one_by_one():
+    model = make_model(seed=3)
+    torch.manual_seed(2)
+    pixels = torch.randn(3, 3, 32, 32)
+    prompts = [[0, 5, 6, 7, 8], [0, 9], [0, 10, 11, 12]]
+    width = max(map(len, prompts))
+    ids = torch.full((3, width), 1)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    kw = dict(max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    cached = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, use_cache=True, **kw)
+    uncached = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    for i, p in enumerate(prompts):
+        one = model.generate(pixel_values=pixels[i:i + 1], input_ids=torch.tensor([p]), **kw)
+        assert torch.equal(one[0, len(p):], cached[i, width:]), i
+    beams = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, num_beams=3, max_new_tokens=6)
+    assert beams.shape[0] == 3
+
+
+def test_itc_loss_equals_hand_computed_value():
+    torch.manual_seed(0)
+    img = F.normalize(torch.randn(4, 8), dim=-1)
+    txt = F.normalize(torch.randn(4, 8), dim=-1)
+    scale = torch.tensor(10.0)
+    logits = [[10.0 * float(img[i] @ txt[j]) for j in range(4)] for i in range(4)]
+
+    def ce_row(row, target):
+        return -(row[target] - math.log(sum(math.exp(v) for v in row)))
+
+    i2t = sum(ce_row(logits[i], i) for i in range(4)) / 4
+    t2i = sum(ce_row([logits[j][i] for j in range(4)], i) for i in range(4)) / 4
+    assert abs(contrastive_loss(img, txt, scale).item() - (i2t + t2i) / 2) < 1e-5
+
+    # Duplicate captions (same group) share the target: rows 0 and 1 are both positives of each other.
+    groups = torch.tensor([7, 7, 3, 4])
+    got = contrastive_loss(img, txt, scale, groups).item()
+    tgt = [[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+
+    def soft_ce(row, t):
+        lse = math.log(sum(math.exp(v) for v in row))
+        return -sum(t[j] * (row[j] - lse) for j in range(4))
+
+    i2t = sum(soft_ce(logits[i], tgt[i]) for i in range(4)) / 4
+    t2i = sum(soft_ce([logits[j][i] for j in range(4)], tgt[i]) for i in range(4)) / 4
+    assert abs(got - (i2t + t2i) / 2) < 1e-5
+
+
+def test_unimodal_split_reads_text_embedding_from_k_image_free_layers():
+    k = 2
+    model = make_model(seed=4, unimodal_layers=k)
+    for block in model.decoder.transformer.h[:k]:
+        assert not hasattr(block, "crossattention")
+    assert hasattr(model.decoder.transformer.h[k], "crossattention")
+    torch.manual_seed(5)
+    pixels = torch.randn(2, 3, 32, 32)
+    ids = torch.randint(2, 120, (2, 7))
+    ids[:, 0] = 0
+    ids[:, -1] = 1
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # second row: EOS at position 4
+    ids[1, 4] = 1
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=ids.masked_fill(mask == 0, -100))
+
+    # Reference: a plain k-layer GPT-2 (no cross-attention) with the same weights, read at EOS.
+    ref = GPT2Model(GPT2Config(**{**GPT, "n_layer": k})).eval()
+    sd = {k_: v for k_, v in model.decoder.transformer.state_dict().items() if not k_.startswith("ln_f")}
+    sd = {k_: v for k_, v in sd.items() if not k_.startswith("h.") or int(k_.split(".")[1]) < k}
+    ref.load_state_dict(sd, strict=False)
+    with torch.no_grad():
+        x = ref.wte(ids) + ref.wpe(torch.arange(7).unsqueeze(0))
+        for blk in ref.h:
+            x = blk(x)
+        last = mask.sum(-1) - 1
+        feat = x[torch.arange(2), last]
+        expect = F.normalize(model.text_proj(model.text_norm(feat)), dim=-1)
+    assert torch.allclose(out.text_embeds, expect, atol=1e-5)
+    assert torch.allclose(model.embed_text(ids, mask), expect, atol=1e-5)
+    assert out.itc_loss is not None and out.lm_loss is not None
+
+
+def test_forward_output_fields_are_stable():
+    model = make_model()
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    out = model(input_ids=ids, pixel_values=torch.randn(2, 3, 32, 32))
+    assert out.loss is None and out.itc_loss is None and out.logits.shape == (2, 4, 120)
+    out = model(input_ids=ids, pixel_values=torch.randn(2, 3, 32, 32), labels=ids)
+    assert set(out.keys()) >= {"loss", "lm_loss", "itc_loss", "logits", "image_embeds", "text_embeds"}
+    assert torch.allclose(out.loss, out.lm_loss + out.itc_loss)
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    model, processor = build_model("tiny", texts=["a large red circle", "a small blue square and a big one"])
+    model.eval()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
+    loaded = MMGPTModel.from_pretrained(tmp_path).eval()
+    proc2 = MMGPTProcessor.from_pretrained(tmp_path)
+    sd1, sd2 = model.state_dict(), loaded.state_dict()
+    assert sd1.keys() == sd2.keys()
+    for key in sd1:
+        assert torch.equal(sd1[key], sd2[key]), key
+    batch = processor.batch_examples(["caption", "vqa"], ["", "what color is it?"], ["a large red circle", "red"])
+    batch2 = proc2.batch_examples(["caption", "vqa"], ["", "what color is it?"], ["a large red circle", "red"])
+    assert all(torch.equal(batch[k], batch2[k]) for k in batch)
+    px = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a = model(pixel_values=px, labels=batch["labels"], **{k: batch[k] for k in ("input_ids", "attention_mask")})
+        b = loaded(pixel_values=px, labels=batch["labels"], **{k: batch[k] for k in ("input_ids", "attention_mask")})
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
+    assert torch.equal(model.generate(pixel_values=px, max_new_tokens=5), loaded.generate(pixel_values=px, max_new_tokens=5))
+
+
+def test_processor_masks_prompt_and_padding():
+    _, proc = build_model("tiny", texts=["a large red circle", "question: what color is the circle? answer: red"])
+    batch = proc.batch_examples(["caption", "vqa"], ["", "what color is the circle?"], ["a large red circle", "red"])
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    prompt = proc.encode_prompt("vqa", "what color is the circle?")
+    assert labels[1, : len(prompt)].eq(-100).all()
+    assert proc.decode(ids[1, len(prompt):]) == "red"
+    assert labels[0, 0] == -100 and proc.decode(ids[0, 1:]) == "a large red circle"
+    assert (labels[mask == 0] == -100).all()
+
+
+@pytest.mark.parametrize("adapter", ["mlp", "resampler"])
+def test_overfitting_one_batch_drives_both_losses_down(adapter):
+    torch.manual_seed(0)
+    model = make_model(seed=0, adapter={"type": adapter, **({"num_queries": 8} if adapter == "resampler" else {})},
+                       unimodal_layers=1).train()
+    pixels = torch.randn(4, 3, 32, 32)
+    ids = torch.randint(2, 120, (4, 6))
+    ids[:, 0] = 0
+    ids[:, -1] = 1
+    labels = ids.clone()
+    labels[:, 0] = -100
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        out = model(input_ids=ids, pixel_values=pixels, labels=labels)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert out.lm_loss.item() < 0.05, out.lm_loss.item()
+    assert out.itc_loss.item() < 0.05, out.itc_loss.item()
