@@ -1,0 +1,56 @@
+"""Image encoders and image preprocessing for mmgpt. Imports neither ``mmgpt`` nor ``train``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .base import EncoderOutput, VisionEncoder
+from .image_io import ImageLoadError, load_image
+from .transforms import build_image_transform
+
+# The keys of encoders.hf.BACKENDS, kept here so that image loading does not import the towers.
+ENCODER_BACKENDS: tuple[str, ...] = ("vit", "clip", "siglip", "dinov2")
+
+
+def build_encoder(
+    backend: str = "vit",
+    config: dict | None = None,
+    pretrained: str | None = None,
+    freeze: bool = False,
+    attn_implementation: str = "sdpa",
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+) -> VisionEncoder:
+    """Build a vision encoder.
+
+    ``config``: keyword arguments of the backend's Hugging Face vision config (random weights),
+    or overrides of the pretrained config when ``pretrained`` (hub id or local folder) is given.
+    ``image_mean`` / ``image_std`` override what the checkpoint or the backend default says.
+    ``build_encoder(**enc.config_dict())`` rebuilds the same architecture with random weights.
+    """
+    if backend not in ENCODER_BACKENDS:
+        raise ValueError(f"unknown encoder backend {backend!r}; valid: {', '.join(ENCODER_BACKENDS)}")
+    from .hf import build_hf_encoder  # imports the transformers towers on first use
+
+    encoder = build_hf_encoder(
+        backend,
+        config=config,
+        pretrained=pretrained,
+        attn_implementation=attn_implementation,
+        image_mean=tuple(image_mean) if image_mean is not None else None,
+        image_std=tuple(image_std) if image_std is not None else None,
+    )
+    if freeze:
+        encoder.freeze()
+    return encoder
+
+
+__all__ = [
+    "ENCODER_BACKENDS",
+    "EncoderOutput",
+    "ImageLoadError",
+    "VisionEncoder",
+    "build_encoder",
+    "build_image_transform",
+    "load_image",
+]

@@ -1,0 +1,62 @@
+"""Collator: records (or per-image groups of records) -> one model batch.
+
+Images are transformed once per group, and each text row points at its image (`image_index`),
+so a caption and several questions about one image cost one encoder pass.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from train.data.bad import split_bad
+
+
+def _group(items: list) -> tuple[list[list[dict]], list]:
+    """Flatten the DataLoader's items into groups of records sharing one image; collect bad markers."""
+    groups, bad = [], []
+    for item in items:
+        recs, bads = split_bad(item if isinstance(item, list) else [item])
+        bad += bads
+        if recs:
+            groups.append(recs)
+    return groups, bad
+
+
+class Collator:
+    def __init__(self, processor, train: bool = True, augment: bool = False):
+        self.processor = processor
+        self.train = train
+        self.augment = augment
+
+    def __call__(self, items: list) -> dict:
+        groups, bad = _group(items)
+        p = self.processor
+        tf = p.train_transform if (self.train and self.augment) else p.eval_transform
+        pixels, image_index, tasks, prompts, targets, itc = [], [], [], [], [], []
+        for g in groups:
+            pixels.append(tf(g[0]["image"]))
+            for r in g:
+                image_index.append(len(pixels) - 1)
+                tasks.append(r["task"])
+                prompts.append(r.get("prompt", ""))
+                targets.append(r["target"])
+                itc.append(r["task"] == "caption")
+        batch = {"bad": bad, "num_images": len(pixels), "num_rows": len(tasks)}
+        if not pixels:
+            return batch
+        text = p.batch_examples(tasks, prompts, targets)
+        # Caption ids for ITC: equal captions share a group (stable across processes: crc32, not hash()).
+        groups_ids = [zlib.crc32(t.strip().lower().encode()) & 0x7FFFFFFF for t in targets]
+        batch.update(
+            pixel_values=torch.stack(pixels),  # (B_img, 3, S, S)
+            image_index=torch.tensor(image_index),  # (B,)
+            itc_mask=torch.tensor(itc),  # (B,)
+            itc_groups=torch.tensor(groups_ids),  # (B,)
+            **text,  # input_ids, attention_mask, labels: (B, T)
+        )
+        return batch
+
+
+MODEL_KEYS = ("pixel_values", "image_index", "itc_mask", "itc_groups", "input_ids", "attention_mask", "labels")
