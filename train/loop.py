@@ -17,6 +17,9 @@ from train.config import TrainConfig, to_dict
 from train.data.bad import BadDataCounter, DataError
 
 
+_STEP_DELAY = float(os.environ.get("MMGPT_TEST_STEP_DELAY", "0") or 0)
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (repeated non-finite losses, too much bad data); the message says why."""
 
@@ -289,6 +292,8 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
                 summary = _evaluate(accelerator, unwrapped, processor, cfg, step, metrics_path)
                 best = _keep_best(accelerator, unwrapped, processor, cfg, summary, best, out)
                 model.train()
+            if _STEP_DELAY:
+                time.sleep(_STEP_DELAY)  # test hook: slows steps so a test can kill the run mid-way
             if cfg.max_minutes and (time.time() - t0) / 60 >= cfg.max_minutes:
                 stop = True
             if step >= cfg.max_steps or stop:

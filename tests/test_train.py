@@ -1,0 +1,130 @@
+"""Training: config errors, an end-to-end main(argv) run, exact resume after SIGKILL, and two processes
+against one for the contrastive loss."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from train.config import ConfigError, load_config
+from train.main import main
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = [
+    "data.train=[{format: shapes, split: train, size: 64, task_mix: {caption: 1, vqa: 2}}]",
+    "data.num_workers=0", "batch_size=4", "log_every=1", "progress=false", "optim.warmup_steps=2",
+    "model.tokenizer_texts=400",
+]
+
+
+def test_unknown_key_names_the_key_and_the_nearest_valid_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"'optim.lrr'.*'lr'"):
+        load_config(None, ["optim.lrr=0.1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_step: 10\n")
+    with pytest.raises(ConfigError, match=r"'max_step'.*'max_steps'"):
+        load_config(bad)
+    assert main([str(bad)]) == 2
+    cfg = load_config(ROOT / "configs/train/shapes-tiny.yaml", ["optim.lr=0.5", "model.overrides.unimodal_layers=1"])
+    assert cfg.optim.lr == 0.5 and cfg.model.overrides["unimodal_layers"] == 1 and cfg.batch_size == 64
+
+
+def test_main_trains_a_few_steps_and_exports_a_loadable_model(tmp_path):
+    out = tmp_path / "run"
+    rc = main([str(ROOT / "configs/train/shapes-tiny.yaml"), *SMALL, "max_steps=6", f"output_dir={out}",
+               "data.validation=null", "checkpoint_every=3", "keep_checkpoints=1"])
+    assert rc == 0
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-6"]
+    from mmgpt import MMGPTModel, MMGPTProcessor
+
+    model = MMGPTModel.from_pretrained(out / "model")
+    proc = MMGPTProcessor.from_pretrained(out / "model")
+    assert model.config.vision["config"]["image_size"] == proc.image_size == 64
+
+
+def _train_cmd(out, extra=()):
+    return [sys.executable, "-m", "train", str(ROOT / "configs/train/shapes-tiny.yaml"), *SMALL, "max_steps=10",
+            "checkpoint_every=2", "keep_checkpoints=3", f"output_dir={out}", "data.validation=null",
+            "deterministic=true", *extra]
+
+
+def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    subprocess.run(_train_cmd(ref), env=env, check=True, capture_output=True, cwd=ROOT)
+
+    proc = subprocess.Popen(_train_cmd(cut), env={**env, "MMGPT_TEST_STEP_DELAY": "0.4"}, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (cut / "checkpoints" / "step-4" / "trainer_state.json").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "model").exists()
+    subprocess.run(_train_cmd(cut, ["resume=latest"]), env=env, check=True, capture_output=True, cwd=ROOT)
+
+    a = load_file(ref / "model" / "model.safetensors")
+    b = load_file(cut / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 10
+
+
+def test_two_processes_give_the_itc_loss_and_gradients_of_one(tmp_path):
+    if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("accelerate launcher not installed")
+    from mmgpt import build_model
+
+    torch.manual_seed(0)
+    model, proc = build_model({"vision": {"backend": "vit", "config": {"image_size": 32, "patch_size": 8,
+                               "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                               "intermediate_size": 64, "hidden_dropout_prob": 0.0,
+                               "attention_probs_dropout_prob": 0.0}},
+                               "text": {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 32,
+                                        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+                               "adapter": {"type": "mlp"}, "projection_dim": 16, "unimodal_layers": 1,
+                               "lm_weight": 0.0, "tokenizer": {"vocab_size": 300}},
+                              texts=["a red circle", "a blue square", "a green triangle and a red one"])
+    model.save_pretrained(tmp_path / "m")
+    caps = ["a red circle", "a blue square", "a green triangle", "a red one", "a blue circle", "a green square"]
+    batch = proc.batch_examples(["caption"] * 6, [""] * 6, caps)
+    batch["pixel_values"] = torch.randn(6, 3, 32, 32)
+    torch.save(batch, tmp_path / "batch.pt")
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launcher = str(Path(sys.executable).parent / "accelerate")
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1", "--main_process_port", "0",
+           str(ROOT / "tests/dist_itc_script.py"), str(tmp_path / "m"), str(tmp_path / "batch.pt"),
+           str(tmp_path / "two.pt")]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = torch.load(tmp_path / "two.pt")
+    assert two["world"] == 2
+
+    from mmgpt import MMGPTModel
+
+    one_model = MMGPTModel.from_pretrained(tmp_path / "m").train()
+    out = one_model(**batch)
+    out.loss.backward()
+    assert torch.allclose(out.itc_loss, two["itc_loss"], atol=1e-6)
+    grads = {k: p.grad for k, p in one_model.named_parameters() if p.grad is not None}
+    assert grads.keys() == two["grads"].keys()
+    for k, g in grads.items():
+        err = (g - two["grads"][k]).abs().max().item()
+        assert err <= 1e-5 * max(1.0, g.abs().max().item()), (k, err)

@@ -1,0 +1,98 @@
+"""The shapes demo: train the tiny preset on shapes, evaluate on the test split, write a report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "train" / "shapes-tiny.yaml"
+HEADLINE = ("caption_exact_match", "cider", "bleu_4", "vqa_accuracy", "retrieval_i2t_r1", "retrieval_t2i_r1")
+
+
+def samples_grid(examples: list[dict], path: Path, n: int = 12, cols: int = 4, scale: int = 3) -> None:
+    """A grid of test images, each with its generated caption and one answered question."""
+    examples = examples[:n]
+    if not examples:
+        return
+    side = examples[0]["image"].width * scale
+    cell_w, text_h = max(side, 260), 58
+    rows = (len(examples) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * cell_w, rows * (side + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, ex in enumerate(examples):
+        x, y = (i % cols) * cell_w, (i // cols) * (side + text_h)
+        img = ex["image"].resize((side, side), Image.NEAREST)
+        sheet.paste(img, (x + (cell_w - side) // 2, y))
+        lines = [ex.get("caption", "")]
+        if ex.get("question"):
+            lines += [f"Q: {ex['question']}", f"A: {ex.get('answer', '')}"]
+        for j, line in enumerate(lines):
+            draw.text((x + 4, y + side + 2 + 18 * j), line[:44], fill=(0, 0, 0))
+    sheet.save(path)
+
+
+def format_table(metrics: dict) -> str:
+    rows = [(k, metrics[k]) for k in HEADLINE if k in metrics]
+    rows += sorted((k, v) for k, v in metrics.items() if k.startswith("vqa_accuracy/"))
+    width = max(len(k) for k, _ in rows) if rows else 10
+    lines = [f"| {'metric'.ljust(width)} | value  |", f"|{'-' * (width + 2)}|--------|"]
+    lines += [f"| {k.ljust(width)} | {v:6.3f} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def run_demo(out_dir: str | Path, overrides: list[str] | None = None, test_images: int = 300) -> dict:
+    from train.config import load_config
+    from train.data import ShapesDataset
+    from train.evaluate import evaluate
+    from train.loop import run_training
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(DEMO_CONFIG, [f"output_dir={out / 'train'}", *(overrides or [])])
+    print(f"mmgpt demo: training the tiny preset on shapes for at most {cfg.max_minutes} minutes "
+          f"({cfg.max_steps} steps max) -> {out}", flush=True)
+    summary = run_training(cfg)
+    model_dir = out / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    shutil.copytree(summary["model_dir"], model_dir)
+
+    from mmgpt import MMGPTModel, MMGPTProcessor
+
+    model = MMGPTModel.from_pretrained(model_dir).eval()
+    processor = MMGPTProcessor.from_pretrained(model_dir)
+    test = ShapesDataset("test", size=test_images, image_size=processor.image_size)
+    records = [r for i in range(test_images) for r in test.records_for_image(i)]
+    t0 = time.time()
+    result = evaluate(model, processor, records)
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    metrics.update(train_seconds=summary["train_seconds"], train_steps=summary["step"],
+                   eval_seconds=time.time() - t0, test_images=test_images)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    examples = _one_question_each(result.examples)
+    samples_grid(examples, out / "samples.png")
+    print()
+    print(format_table(metrics))
+    print()
+    for ex in examples[:6]:
+        print(f"  {ex['image_id']}: caption: {ex.get('caption')!r} (truth: {ex.get('references', [''])[0]!r})")
+        if ex.get("question"):
+            print(f"      Q: {ex['question']}  A: {ex.get('answer')!r} (truth: {ex.get('answers')})")
+    print(f"\nwrote {model_dir}, {out / 'metrics.json'}, {out / 'samples.png'}")
+    return metrics
+
+
+def _one_question_each(examples: list[dict]) -> list[dict]:
+    """Merge per-image caption examples with the first question example of the same image."""
+    by_image: dict = {}
+    for ex in examples:
+        slot = by_image.setdefault(ex["image_id"], {})
+        for k, v in ex.items():
+            if k in ("question", "answer", "answers") and "question" in slot:
+                continue
+            slot.setdefault(k, v)
+    return list(by_image.values())
