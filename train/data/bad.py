@@ -1,0 +1,153 @@
+"""Bad data: markers for records that cannot be used, a counter, and the schema error.
+
+A record that cannot be used (missing or unreadable image, empty text) is not an exception:
+``__getitem__`` returns a :class:`BadRecord` marker instead of the record, so skipping works
+inside DataLoader worker processes. The collate step splits markers from records
+(:func:`split_bad`, :class:`SkipBad`), the markers travel back to the main process with the
+batch, and a :class:`BadDataCounter` there counts them by reason and stops the run with a
+:class:`DataError` only when too many are bad.
+
+A schema error (a file that cannot be parsed, missing columns or keys) is different: it is
+raised as :class:`DataError` at once, when the source is built.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+# Reasons a record is skipped.
+MISSING_FILE = "missing_file"
+EMPTY_FILE = "empty_file"
+CORRUPT_IMAGE = "corrupt_image"
+NOT_AN_IMAGE = "not_an_image"
+EMPTY_TEXT = "empty_text"
+
+
+class DataError(ValueError):
+    """A data source is unusable: a schema error, or too many bad records."""
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """Marker returned in place of a record that cannot be used.
+
+    ``reason`` is one of the module constants (``missing_file``, ``empty_file``,
+    ``corrupt_image``, ``not_an_image``, ``empty_text``); ``where`` names the record (file and line, shard and
+    key, dataset row); ``detail`` is the underlying message.
+    """
+
+    reason: str
+    where: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.where}: {self.reason}"
+        return f"{text} ({self.detail})" if self.detail else text
+
+
+def split_bad(items: Iterable[Any]) -> tuple[list[dict], list[BadRecord]]:
+    """Split a batch into good records and bad markers.
+
+    Items may be records, :class:`BadRecord` markers, ``None`` (counted as ``unknown``), or
+    lists of these (per-image groups, see ``ShapesDataset(grouped=True)``), which are
+    flattened in order.
+    """
+    good: list[dict] = []
+    bad: list[BadRecord] = []
+    stack = list(items)
+    stack.reverse()
+    while stack:
+        item = stack.pop()
+        if isinstance(item, BadRecord):
+            bad.append(item)
+        elif item is None:
+            bad.append(BadRecord("unknown", "?", "dataset returned None"))
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+        else:
+            good.append(item)
+    return good, bad
+
+
+class SkipBad:
+    """Collate wrapper: ``SkipBad(collate_fn)(batch) -> (collate_fn(good) or None, bad)``.
+
+    Runs inside the worker; the bad markers come back to the main process with the batch,
+    where ``counter.add(bad)`` counts them. ``collate_fn`` sees a flat list of good records
+    and is not called when there are none (the first element is then ``None``).
+    """
+
+    def __init__(self, collate_fn: Callable[[list[dict]], Any] | None = None):
+        self.collate_fn = collate_fn
+
+    def __call__(self, batch: list[Any]) -> tuple[Any, list[BadRecord]]:
+        good, bad = split_bad(batch)
+        if not good:
+            return None, bad
+        return (self.collate_fn(good) if self.collate_fn is not None else good), bad
+
+
+class BadDataCounter:
+    """Counts bad records by reason and keeps the first few for the error message."""
+
+    def __init__(self, keep: int = 5):
+        self.keep = keep
+        self.by_reason: Counter[str] = Counter()
+        self.first: list[BadRecord] = []
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+    def add(self, bad: BadRecord | Iterable[BadRecord]) -> None:
+        for b in [bad] if isinstance(bad, BadRecord) else bad:
+            self.by_reason[b.reason] += 1
+            if len(self.first) < self.keep:
+                self.first.append(b)
+
+    def merge(self, other: BadDataCounter | dict) -> None:
+        """Add another counter (or its ``to_dict()``, e.g. gathered from another rank)."""
+        other = BadDataCounter.from_dict(other) if isinstance(other, dict) else other
+        self.by_reason.update(other.by_reason)
+        self.first.extend(other.first[: max(0, self.keep - len(self.first))])
+
+    def to_dict(self) -> dict:
+        return {
+            "by_reason": dict(self.by_reason),
+            "first": [[b.reason, b.where, b.detail] for b in self.first],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict, keep: int = 5) -> BadDataCounter:
+        c = cls(keep=keep)
+        c.by_reason.update(d.get("by_reason", {}))
+        c.first = [BadRecord(*b) for b in d.get("first", [])][:keep]
+        return c
+
+    def summary(self, total_seen: int | None = None) -> str:
+        if not self.total:
+            return "no bad records"
+        reasons = ", ".join(f"{r}: {n}" for r, n in self.by_reason.most_common())
+        head = f"{self.total} bad records"
+        if total_seen:
+            head += f" of {total_seen} seen ({self.total / total_seen:.1%})"
+        lines = [f"{head} ({reasons}); first:"]
+        lines += [f"  {b}" for b in self.first]
+        return "\n".join(lines)
+
+    def check(
+        self, total_seen: int, max_bad_fraction: float = 0.01, min_seen: int = 100, final: bool = False
+    ) -> None:
+        """Raise :class:`DataError` if more than ``max_bad_fraction`` of ``total_seen`` records
+        (good and bad together) were bad. Judged only once ``min_seen`` records were seen, or
+        at the end (``final=True``)."""
+        if total_seen <= 0 or (total_seen < min_seen and not final):
+            return
+        if self.total / total_seen > max_bad_fraction:
+            raise DataError(
+                f"too many bad records (more than max_bad_fraction={max_bad_fraction:g}): "
+                + self.summary(total_seen)
+            )

@@ -1,0 +1,93 @@
+"""Reader for Hugging Face datasets: a hub name or a ``save_to_disk`` folder, with a column mapping.
+
+The text columns are read once at construction; the image column is read row by row in
+``__getitem__`` and decoded by ``encoders.image_io.load_image`` (an ``Image`` feature is cast
+to ``decode=False`` first so a corrupt image becomes a counted bad record, not a crash). The
+image column may hold PIL images, ``{"bytes", "path"}`` dicts, raw bytes, or paths (relative
+paths are tried against the dataset folder).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from train.data.bad import DataError
+from train.data.records import (
+    IndexedSource,
+    attach_references,
+    check_schema,
+    entries_from_row,
+    entry_to_record,
+    resolve_columns,
+)
+
+SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def is_saved_dataset(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and any((p / m).is_file() for m in SAVED_MARKERS)
+
+
+def load_hf(name: str, split: str = "train"):
+    """``datasets.load_from_disk`` for a saved folder (picking ``split`` of a DatasetDict), else
+    ``datasets.load_dataset(name, split=split)``."""
+    import datasets  # lazily: importing train.data must stay cheap
+
+    if is_saved_dataset(name):
+        ds = datasets.load_from_disk(str(name))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{name}: no split {split!r} in the saved dataset; splits: {list(ds)}")
+            ds = ds[split]
+        return ds
+    try:
+        return datasets.load_dataset(name, split=split)
+    except (OSError, ValueError) as e:  # not found, offline, bad split
+        raise DataError(f"cannot load Hugging Face dataset {name!r} split {split!r}: {e}") from e
+
+
+class HFSource(IndexedSource):
+    """Map-style source over a Hugging Face ``Dataset``."""
+
+    def __init__(self, name: str, split: str = "train", columns: Mapping[str, str] | None = None, limit=None):
+        import datasets
+
+        ds = load_hf(name, split)
+        where = f"{name} [{split}]"
+        mapping = resolve_columns(ds.column_names, columns)
+        check_schema(where, ds.column_names, mapping, columns)
+        image_col = mapping["image"]
+        if isinstance(ds.features.get(image_col), datasets.Image):
+            ds = ds.cast_column(image_col, datasets.Image(decode=False))
+        n = len(ds) if limit is None else min(limit, len(ds))  # rows; entries are cut to `limit` too
+        text_cols = sorted({c for r, c in mapping.items() if r != "image"})
+        head = ds.select(range(n)) if n < len(ds) else ds
+        table = head.select_columns(text_cols).to_dict()
+        entries, rows = [], []  # rows[k]: the dataset row of entry k (a row of captions gives several)
+        for i in range(n):
+            row_entries = entries_from_row(
+                {c: table[c][i] for c in text_cols}, mapping, None, f"{where} row {i}"
+            )
+            entries += row_entries
+            rows += [i] * len(row_entries)
+        attach_references(entries)
+        super().__init__(entries, where, limit)
+        self.rows = rows
+        self.root = Path(name) if Path(name).is_dir() else None
+        self.images = ds.select_columns([image_col])
+        self.image_col = image_col
+
+    def _image_ref(self, i: int) -> Any:
+        ref = self.images[i][self.image_col]
+        if isinstance(ref, dict) and not ref.get("bytes"):
+            ref = ref.get("path")
+        relative = isinstance(ref, str) and self.root is not None and not Path(ref).is_absolute()
+        if relative and not Path(ref).exists() and (self.root / ref).exists():
+            ref = str(self.root / ref)
+        return ref
+
+    def __getitem__(self, i: int):
+        return entry_to_record(self.entries[i], self._image_ref(self.rows[i]))

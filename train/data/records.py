@@ -1,0 +1,267 @@
+"""The record every source yields, and the map-style base that indexes text once and loads
+images lazily.
+
+A record is a dict::
+
+    {"image": PIL.Image (RGB), "task": "caption" | "vqa", "prompt": str, "target": str,
+     # optional:
+     "answers": list[str],     # all reference answers (VQA)
+     "references": list[str],  # all reference captions of the image (captions)
+     "image_id": str,          # stable id of the image
+     "qtype": str}             # question type (shapes)
+
+For captions ``prompt`` is "" and ``target`` the caption; for VQA ``prompt`` is the raw
+question (the processor applies the template) and ``target`` the answer.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from encoders.image_io import ImageLoadError, load_image
+from train.data.bad import (
+    CORRUPT_IMAGE,
+    EMPTY_FILE,
+    EMPTY_TEXT,
+    MISSING_FILE,
+    NOT_AN_IMAGE,
+    BadRecord,
+    DataError,
+)
+
+# The fields a table-like source (JSONL, CSV, imagefolder, HF dataset, WebDataset JSON) may
+# hold, and the column names tried for each, in order, when no column mapping is given.
+ROLES: dict[str, tuple[str, ...]] = {
+    "image": ("file_name", "image", "image_path", "path", "img"),
+    "caption": ("caption", "text"),
+    "question": ("question",),
+    "answer": ("answer", "multiple_choice_answer"),
+    "answers": ("answers",),
+    "image_id": ("image_id",),
+    "qtype": ("qtype", "question_type"),
+    "references": ("references", "captions"),
+}
+TEXT_ROLES = ("caption", "question", "answer", "answers")
+
+
+@dataclass(slots=True)
+class Entry:
+    """One indexed record whose image is not loaded yet.
+
+    ``image`` is a path, raw bytes, a PIL image, or a dict with ``bytes`` and/or ``path``.
+    """
+
+    image: Any
+    task: str
+    prompt: str
+    target: str
+    where: str
+    answers: list[str] | None = None
+    references: list[str] | None = None
+    image_id: str | None = None
+    qtype: str | None = None
+
+
+def clean_text(value: Any) -> str:
+    """None / NaN -> "", everything else str and stripped."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).strip()
+
+
+def make_entry(
+    image: Any,
+    where: str,
+    *,
+    caption: Any = None,
+    question: Any = None,
+    answer: Any = None,
+    answers: Any = None,
+    image_id: Any = None,
+    qtype: Any = None,
+    references: Any = None,
+) -> Entry:
+    """Build an :class:`Entry` from loosely typed fields.
+
+    A row with a question or an answer is VQA, anything else a caption. ``answers`` is a list
+    (duplicates kept: VQA accuracy counts them); when ``answer`` is empty the target is the
+    most common of ``answers``. Empty text is not an error here: the entry becomes a
+    ``empty_text`` bad record when read.
+    """
+    question, answer = clean_text(question), clean_text(answer)
+    answers = [answers] if isinstance(answers, str) else answers
+    references = [references] if isinstance(references, str) else references
+    answers = [a.get("answer") if isinstance(a, dict) else a for a in answers or []]  # VQAv2-style dicts
+    answer_list = [a for a in (clean_text(x) for x in answers) if a]
+    image_id = clean_text(image_id) or None
+    qtype = clean_text(qtype) or None
+    if question or answer or answer_list:
+        if not answer and answer_list:
+            answer = Counter(answer_list).most_common(1)[0][0]
+        if not answer_list and answer:
+            answer_list = [answer]
+        return Entry(
+            image, "vqa", question, answer, where, answers=answer_list, image_id=image_id, qtype=qtype
+        )
+    caption = clean_text(caption)
+    refs = [r for r in (clean_text(x) for x in (references or [])) if r] or None
+    return Entry(image, "caption", "", caption, where, references=refs, image_id=image_id, qtype=qtype)
+
+
+def resolve_columns(found: Iterable[str], columns: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Map each role (``image``, ``caption``, ...) to the column of ``found`` that holds it.
+
+    ``columns`` overrides the defaults of :data:`ROLES` role by role; a role whose column is
+    not among ``found`` is left out.
+    """
+    columns = dict(columns or {})
+    unknown = [r for r in columns if r not in ROLES]
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], ROLES, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ValueError(f"unknown column role {unknown[0]!r}{hint} (roles: {', '.join(ROLES)})")
+    found = set(found)
+    out = {}
+    for role, candidates in ROLES.items():
+        names = (columns[role],) if role in columns else candidates
+        name = next((n for n in names if n in found), None)
+        if name is not None:
+            out[role] = name
+    return out
+
+
+def check_schema(
+    where: str, found: Iterable[str], mapping: dict[str, str], columns: Mapping | None, noun: str = "columns"
+) -> None:
+    """Raise :class:`DataError` unless ``mapping`` has an image and a caption or a question with
+    an answer. The message names ``where``, what was expected and the columns found."""
+    has_text = "caption" in mapping or (
+        "question" in mapping and ("answer" in mapping or "answers" in mapping)
+    )
+    if "image" in mapping and has_text:
+        return
+    columns = dict(columns or {})
+
+    def names(role: str) -> str:
+        return repr(columns[role]) if role in columns else "/".join(ROLES[role])
+
+    expected = (
+        f"an image column ({names('image')}) and a caption column ({names('caption')}) or a question "
+        f"column ({names('question')}) with an answer column ({names('answer')} or {names('answers')})"
+    )
+    if noun != "columns":
+        expected = expected.replace("column", noun.rstrip("s"))
+    raise DataError(f"{where}: expected {expected}; found {noun} {sorted(found)}")
+
+
+def entries_from_row(row: Mapping[str, Any], mapping: dict[str, str], image: Any, where: str) -> list[Entry]:
+    """The entries of a row (dict) under a role -> column mapping: one, or one per caption when
+    the caption cell holds a list (each with all of them as references)."""
+    fields = {role: row.get(col) for role, col in mapping.items() if role != "image"}
+    captions = fields.get("caption")
+    if isinstance(captions, (list, tuple)) and not fields.get("question"):
+        refs = fields.pop("references", None) or captions
+        return [
+            make_entry(image, f"{where} caption {k}", **dict(fields, caption=c), references=refs)
+            for k, c in enumerate(captions)
+        ] or [make_entry(image, where, **dict(fields, caption=""))]
+    return [make_entry(image, where, **fields)]
+
+
+def attach_references(entries: list[Entry]) -> None:
+    """Give every caption entry without references all captions of the same image."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    keys = []
+    for e in entries:
+        key = None
+        if e.task == "caption" and e.references is None and e.target:
+            key = e.image_id or (str(e.image) if isinstance(e.image, (str, os.PathLike)) else None)
+            if key is not None:
+                groups[key].append(e.target)
+        keys.append(key)
+    for e, key in zip(entries, keys):
+        if key is not None:
+            e.references = groups[key]
+
+
+def read_image(ref: Any, where: str) -> Any:
+    """Load ``ref`` as an RGB PIL image, or return a :class:`BadRecord` saying why not."""
+    if ref is None:
+        return BadRecord(MISSING_FILE, where, "no image")
+    if isinstance(ref, dict):  # Hugging Face Image(decode=False): {"bytes": ..., "path": ...}
+        ref = ref.get("bytes") or ref.get("path")
+        if ref is None:
+            return BadRecord(MISSING_FILE, where, "image is null")
+    if isinstance(ref, (str, os.PathLike)):
+        path = Path(ref)
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return BadRecord(MISSING_FILE, where, str(path))
+        if size == 0:
+            return BadRecord(EMPTY_FILE, where, str(path))
+    elif isinstance(ref, (bytes, bytearray, memoryview)) and len(ref) == 0:
+        return BadRecord(EMPTY_FILE, where, "0 bytes")
+    try:
+        return load_image(ref)
+    except ImageLoadError as e:
+        cause = getattr(e, "cause", "")
+        reason = {"not an image": NOT_AN_IMAGE, "file not found": MISSING_FILE}.get(cause, CORRUPT_IMAGE)
+        if cause.startswith("empty file"):
+            reason = EMPTY_FILE
+        return BadRecord(reason, where, str(e))
+
+
+def to_record(e: Entry, image: Any) -> dict:
+    rec = {"image": image, "task": e.task, "prompt": e.prompt, "target": e.target}
+    if e.task == "vqa":
+        rec["answers"] = list(e.answers or [e.target])
+    else:
+        rec["references"] = list(e.references or [e.target])
+    if e.image_id is not None:
+        rec["image_id"] = e.image_id
+    if e.qtype is not None:
+        rec["qtype"] = e.qtype
+    return rec
+
+
+def entry_to_record(e: Entry, image_ref: Any = None) -> dict | BadRecord:
+    """Load the entry's image (or ``image_ref`` when given) and build its record, or return a
+    bad marker."""
+    if not e.target or (e.task == "vqa" and not e.prompt):
+        what = "question" if e.target else ("answer" if e.task == "vqa" else "caption")
+        return BadRecord(EMPTY_TEXT, e.where, f"empty {what}")
+    image = read_image(e.image if image_ref is None else image_ref, e.where)
+    if isinstance(image, BadRecord):
+        return image
+    return to_record(e, image)
+
+
+class IndexedSource(Dataset):
+    """Map-style dataset over entries indexed once; images are loaded in ``__getitem__``.
+
+    ``__getitem__`` returns a record dict, or a :class:`BadRecord` marker (see ``bad.py``).
+    """
+
+    def __init__(self, entries: list[Entry], name: str, limit: int | None = None):
+        self.entries = entries[:limit] if limit is not None else entries
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict | BadRecord:
+        return entry_to_record(self.entries[i])
+
+    def __repr__(self) -> str:
+        tasks = Counter(e.task for e in self.entries)
+        return f"{type(self).__name__}({self.name!r}, {len(self)} records, {dict(tasks)})"

@@ -1,0 +1,317 @@
+"""The built-in ``shapes`` world (DESIGN.md, "The built-in world: shapes").
+
+A procedural image-text data set that needs no download: a light canvas with 1-3 coloured
+circles, squares and triangles, a canonical caption listing them left to right, and short
+questions asked only where the answer is unique. Seeded and deterministic; the train,
+validation and test splits use disjoint seeds.
+
+Coordinates: a bounding box is ``(x0, y0, x1, y1)`` with ``x1``/``y1`` exclusive, so the box
+covers pixels ``x0 .. x1-1`` and its side is ``x1 - x0``; the centre is ``((x0+x1)/2,
+(y0+y1)/2)`` in continuous image coordinates (pixel ``i`` covers ``[i, i+1)``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (225, 200, 30),
+    "purple": (140, 60, 190),
+}
+COLORS = tuple(PALETTE)
+SHAPES = ("circle", "square", "triangle")
+SIZES: dict[str, tuple[int, int]] = {"small": (10, 15), "large": (22, 28)}  # bbox side at 64 px
+BASE_SIZE = 64
+JITTER = 15  # per channel, each way
+BACKGROUND = (200, 255)  # each channel uniform in this range
+MAX_OBJECTS = 3
+MIN_GAP = 2  # px between bounding boxes at 64 px
+MIN_DX = 2  # px between centre x's at 64 px, so "left to right" is never a tie
+COUNT_WORDS = ("zero", "one", "two", "three")
+QTYPES = ("count", "exists", "color", "shape", "size", "count_color")
+
+SPLITS = {"train": 0, "validation": 1, "test": 2}
+_INDEX_BITS = 40  # scene seeds: ((seed * 3 + split) << 40) + index, disjoint for index < 2**40
+
+
+@dataclass(frozen=True, slots=True)
+class ShapeObject:
+    shape: str  # circle | square | triangle
+    color: str  # palette name
+    size: str  # small | large
+    bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive)
+    rgb: tuple[int, int, int]  # the jittered fill colour
+
+    @property
+    def side(self) -> int:
+        return self.bbox[2] - self.bbox[0]
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        x0, y0, x1, y1 = self.bbox
+        return (x0 + x1) / 2, (y0 + y1) / 2
+
+    @property
+    def phrase(self) -> str:
+        return f"a {self.size} {self.color} {self.shape}"
+
+
+@dataclass(frozen=True, slots=True)
+class ShapesScene:
+    image_size: int
+    background: tuple[int, int, int]
+    objects: tuple[ShapeObject, ...]  # sorted left to right by centre x
+
+
+def size_range(size: str, image_size: int = BASE_SIZE) -> tuple[int, int]:
+    """Bounding-box side range (inclusive) of a size class at this canvas size."""
+    lo, hi = SIZES[size]
+    s = image_size / BASE_SIZE
+    return max(3, round(lo * s)), max(3, round(hi * s))
+
+
+def scene_seed(split: str, index: int, seed: int = 0) -> int:
+    """The integer seed of image ``index`` of ``split``; distinct for every (seed, split, index)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown shapes split {split!r}; expected one of {list(SPLITS)}")
+    if not 0 <= index < 1 << _INDEX_BITS or seed < 0:
+        raise ValueError(f"shapes index must be in [0, 2**{_INDEX_BITS}) and seed >= 0, got {index}, {seed}")
+    return ((seed * len(SPLITS) + SPLITS[split]) << _INDEX_BITS) + index
+
+
+def scene_rng(split: str, index: int, seed: int = 0) -> random.Random:
+    """The generator of image ``index``: seeded through SHA-512 of the scene seed as text.
+
+    (``random.Random(int)`` is not used directly: Mersenne Twister's init_by_array makes some
+    distinct integers give the same stream, e.g. 257 and 2**40 + 257.)
+    """
+    return random.Random(f"shapes:{scene_seed(split, index, seed)}")
+
+
+def _place(rng: random.Random, sides: list[int], image_size: int, gap: int, min_dx: int, tries: int = 30):
+    """Random non-overlapping top-left corners for boxes of these sides, or None."""
+    boxes: list[tuple[int, int, int, int]] = []
+    rand = rng.random  # uniform corners; int(random() * n) is a few times faster than randint
+    for d in sides:
+        n = image_size - d + 1
+        for _ in range(tries):
+            x0, y0 = int(rand() * n), int(rand() * n)
+            x1, y1 = x0 + d, y0 + d
+            cx2 = x0 + x1  # twice the centre x
+            if all(
+                max(bx0 - x1, x0 - bx1, by0 - y1, y0 - by1) >= gap and abs(cx2 - bx0 - bx1) >= 2 * min_dx
+                for bx0, by0, bx1, by1 in boxes
+            ):
+                boxes.append((x0, y0, x1, y1))
+                break
+        else:
+            return None
+    return boxes
+
+
+def sample_scene(rng: random.Random | int, image_size: int = BASE_SIZE) -> ShapesScene:
+    """Sample a scene: background, then 1-3 objects with uniform shape, colour and size."""
+    if not isinstance(rng, random.Random):
+        rng = random.Random(rng)
+    if image_size < 32:
+        raise ValueError(f"shapes image_size must be >= 32, got {image_size}")
+    s = image_size / BASE_SIZE
+    gap, min_dx = max(MIN_GAP, round(MIN_GAP * s)), max(MIN_DX, round(MIN_DX * s))
+    background = (rng.randint(*BACKGROUND), rng.randint(*BACKGROUND), rng.randint(*BACKGROUND))
+    n = rng.randint(1, MAX_OBJECTS)
+    while True:
+        attrs = [(rng.choice(SHAPES), rng.choice(COLORS), rng.choice(("small", "large"))) for _ in range(n)]
+        sides = [rng.randint(*size_range(size, image_size)) for _, _, size in attrs]
+        for _ in range(50):  # placements for these attributes; a miss is rare (three large objects)
+            boxes = _place(rng, sides, image_size, gap, min_dx)
+            if boxes is not None:
+                break
+        else:
+            continue
+        objects = []
+        for (shape, color, size), box in zip(attrs, boxes):
+            rgb = tuple(min(255, max(0, c + rng.randint(-JITTER, JITTER))) for c in PALETTE[color])
+            objects.append(ShapeObject(shape, color, size, box, rgb))
+        objects.sort(key=lambda o: o.bbox[0] + o.bbox[2])
+        return ShapesScene(image_size, background, tuple(objects))
+
+
+def render(scene: ShapesScene) -> Image.Image:
+    """Draw the scene with PIL (no anti-aliasing: every object pixel is exactly its rgb)."""
+    img = Image.new("RGB", (scene.image_size, scene.image_size), scene.background)
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        x0, y0, x1, y1 = o.bbox
+        if o.shape == "circle":
+            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=o.rgb)
+        elif o.shape == "square":
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=o.rgb)
+        else:  # isosceles triangle, apex up, base on the box's bottom row
+            draw.polygon(((x0 + (x1 - 1 - x0) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)), fill=o.rgb)
+    return img
+
+
+def caption(scene: ShapesScene) -> str:
+    """Canonical caption: objects left to right, "a, b and c"."""
+    phrases = [o.phrase for o in scene.objects]
+    if len(phrases) == 1:
+        return phrases[0]
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def questions(scene: ShapesScene) -> list[tuple[str, str, str]]:
+    """Every question whose answer is unique, as ``(qtype, question, answer)``.
+
+    - count: "how many objects are there?" (always)
+    - exists: "is there a {shape}?" yes/no (always, for each shape)
+    - color: "what color is the {shape}?" when exactly one object has that shape
+    - shape: "what shape is the {color} object?" when exactly one object has that colour
+    - size: "what size is the {shape}?" when exactly one object has that shape
+    - count_color: "how many {color} objects are there?" for each colour present
+      (absent colours are not asked: "zero" is not an answer word of the world; "is there"
+      covers absence)
+    """
+    objs = scene.objects
+    shapes = Counter(o.shape for o in objs)
+    colors = Counter(o.color for o in objs)
+    qs = [("count", "how many objects are there?", COUNT_WORDS[len(objs)])]
+    qs += [("exists", f"is there a {s}?", "yes" if shapes[s] else "no") for s in SHAPES]
+    unique_shape = {o.shape: o for o in objs if shapes[o.shape] == 1}
+    unique_color = {o.color: o for o in objs if colors[o.color] == 1}
+    qs += [("color", f"what color is the {s}?", o.color) for s, o in unique_shape.items()]
+    qs += [("shape", f"what shape is the {c} object?", o.shape) for c, o in unique_color.items()]
+    qs += [("size", f"what size is the {s}?", o.size) for s, o in unique_shape.items()]
+    qs += [("count_color", f"how many {c} objects are there?", COUNT_WORDS[n]) for c, n in colors.items()]
+    return qs
+
+
+class ShapesDataset(Dataset):
+    """Map-style shapes data set.
+
+    ``size`` images; each image gives ``task_mix["caption"]`` caption records and
+    ``task_mix["vqa"]`` questions drawn without repeats, question type first (uniform over
+    the types the scene allows), then a question of that type. Index ``i`` is record
+    ``i % per_image`` of image ``i // per_image``; the same (seed, split, index) always gives
+    the same pixels and text. With ``grouped=True`` index ``i`` is image ``i`` and returns the
+    list of its records, all sharing one PIL image (encode it once).
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        size: int = 10000,
+        image_size: int = BASE_SIZE,
+        task_mix: dict[str, int] | None = None,
+        seed: int = 0,
+        grouped: bool = False,
+    ):
+        scene_seed(split, max(0, size - 1), seed)  # validates split, size and seed
+        task_mix = dict(task_mix) if task_mix is not None else {"caption": 1, "vqa": 1}
+        unknown = set(task_mix) - {"caption", "vqa"}
+        if unknown or any(not isinstance(v, int) or v < 0 for v in task_mix.values()):
+            raise ValueError(f"task_mix must map 'caption'/'vqa' to counts >= 0, got {task_mix}")
+        self.split, self.size, self.image_size, self.seed, self.grouped = (
+            split,
+            size,
+            image_size,
+            seed,
+            grouped,
+        )
+        self.n_caption, self.n_vqa = task_mix.get("caption", 0), task_mix.get("vqa", 0)
+        if self.n_caption + self.n_vqa == 0:
+            raise ValueError("task_mix gives no records per image")
+        self._last: tuple[int, list[dict]] | None = None
+
+    @property
+    def per_image(self) -> int:
+        return self.n_caption + self.n_vqa
+
+    def __len__(self) -> int:
+        return self.size if self.grouped else self.size * self.per_image
+
+    def __getitem__(self, i: int) -> dict | list[dict]:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if self.grouped:
+            return self.group(i)
+        image, slot = divmod(i, self.per_image)
+        if self._last is None or self._last[0] != image:
+            self._last = (image, self.group(image))
+        return dict(self._last[1][slot])
+
+    def image_id(self, i: int) -> str:
+        return f"shapes-{self.split}-{self.seed}-{i}"
+
+    def scene(self, i: int) -> tuple[ShapesScene, random.Random]:
+        """Scene ``i`` and the generator that drew it (it goes on to pick the questions)."""
+        rng = scene_rng(self.split, i, self.seed)
+        return sample_scene(rng, self.image_size), rng
+
+    def _records(self, scene: ShapesScene, i: int, n_caption: int, qs: list[tuple[str, str, str]]):
+        image, cap, iid = render(scene), caption(scene), self.image_id(i)
+        recs = [
+            {
+                "image": image,
+                "task": "caption",
+                "prompt": "",
+                "target": cap,
+                "references": [cap],
+                "image_id": iid,
+            }
+            for _ in range(n_caption)
+        ]
+        recs += [
+            {
+                "image": image,
+                "task": "vqa",
+                "prompt": q,
+                "target": a,
+                "answers": [a],
+                "image_id": iid,
+                "qtype": t,
+            }
+            for t, q, a in qs
+        ]
+        return recs
+
+    def group(self, i: int) -> list[dict]:
+        """The records of image ``i``: its captions, then its sampled questions."""
+        scene, rng = self.scene(i)
+        all_qs = questions(scene)
+        chosen: list[tuple[str, str, str]] = []
+        pool: dict[str, list] = {}
+        for _ in range(self.n_vqa):
+            if not any(pool.values()):  # (re)fill; repeats only when asking for more than exist
+                pool = {}
+                for q in all_qs:
+                    pool.setdefault(q[0], []).append(q)
+            qtype = rng.choice([t for t, v in pool.items() if v])
+            chosen.append(pool[qtype].pop(rng.randrange(len(pool[qtype]))))
+        return self._records(scene, i, self.n_caption, chosen)
+
+    def records_for_image(self, i: int) -> list[dict]:
+        """Caption and every valid question of image ``i`` (for evaluation)."""
+        scene, _ = self.scene(i)
+        return self._records(scene, i, 1, questions(scene))
+
+    def iter_groups(self, start: int = 0, stop: int | None = None) -> Iterator[list[dict]]:
+        """Yield ``group(i)`` for images ``start .. stop-1``."""
+        for i in range(start, self.size if stop is None else min(stop, self.size)):
+            yield self.group(i)
+
+    def __repr__(self) -> str:
+        return (
+            f"ShapesDataset(split={self.split!r}, size={self.size}, image_size={self.image_size}, "
+            f"task_mix={{'caption': {self.n_caption}, 'vqa': {self.n_vqa}}}, seed={self.seed})"
+        )
