@@ -1,9 +1,27 @@
-"""mmgpt: vision-language models (ViT encoder + GPT decoder with cross-modal attention)."""
+"""mmgpt: vision-language models (ViT encoder + GPT decoder with cross-modal attention).
 
-from mmgpt.build import build_model
-from mmgpt.config import MMGPTConfig
-from mmgpt.model import MMGPTModel, MMGPTOutput
-from mmgpt.processor import MMGPTProcessor, train_bpe_tokenizer
+Names are imported lazily, so `mmgpt --help` and the CLI's error paths start without torch.
+"""
 
-__all__ = ["MMGPTConfig", "MMGPTModel", "MMGPTOutput", "MMGPTProcessor", "build_model", "train_bpe_tokenizer"]
+from importlib import import_module
+
+_EXPORTS = {
+    "MMGPTConfig": "mmgpt.config",
+    "MMGPTModel": "mmgpt.model",
+    "MMGPTOutput": "mmgpt.model",
+    "MMGPTProcessor": "mmgpt.processor",
+    "train_bpe_tokenizer": "mmgpt.processor",
+    "build_model": "mmgpt.build",
+    "load": "mmgpt.api",
+    "VisionLanguagePipeline": "mmgpt.api",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mmgpt' has no attribute {name!r}")

@@ -102,8 +102,11 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
 
     # --- image side ------------------------------------------------------------------------------
 
-    def encode_image(self, pixel_values: torch.Tensor) -> ImageFeatures:
-        out = self.vision(pixel_values)  # patch_tokens (B, N, Dv), pooled (B, Dv)
+    def encode_image(self, pixel_values: torch.Tensor | None = None, vision_outputs=None) -> ImageFeatures:
+        """Encoder (skipped when `vision_outputs`, e.g. cached features of a frozen encoder, are given)
+        -> adapter."""
+        out = vision_outputs if vision_outputs is not None else self.vision(pixel_values)
+        # out.patch_tokens (B, N, Dv), out.pooled (B, Dv)
         return ImageFeatures(tokens=self.adapter(out.patch_tokens), pooled=out.pooled)
 
     def image_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -215,6 +218,7 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         itc_mask: torch.Tensor | None = None,
         itc_groups: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
+        vision_outputs=None,
         position_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
@@ -229,16 +233,19 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         itc_mask: (B,) bool, rows whose text is a caption of its image (ITC pairs); default: all rows
             when ITC is on. itc_groups: (B,) ids; equal ids mark identical captions (all positives).
         encoder_hidden_states: (B, K, Dt) precomputed adapter output (generation passes it).
+        vision_outputs: precomputed `EncoderOutput` (patch_tokens, pooled) of a frozen encoder, used in
+            place of pixel_values (the feature cache).
         """
         kwargs.pop("past_key_values", None) if cache is not None else None
         if cache is None and "past_key_values" in kwargs:
             cache = kwargs.pop("past_key_values")
         cfg = self.config
         if compute_itc is None:
-            compute_itc = labels is not None and cfg.itc_weight > 0 and pixel_values is not None
+            has_image = pixel_values is not None or vision_outputs is not None
+            compute_itc = labels is not None and cfg.itc_weight > 0 and has_image
         pooled = None
-        if encoder_hidden_states is None and pixel_values is not None:
-            feats = self.encode_image(pixel_values)  # tokens (B_img, K, Dt)
+        if encoder_hidden_states is None and (pixel_values is not None or vision_outputs is not None):
+            feats = self.encode_image(pixel_values, vision_outputs)  # tokens (B_img, K, Dt)
             memory, pooled = feats.tokens, feats.pooled
             if image_index is not None:
                 memory = memory[image_index]  # (B, K, Dt)

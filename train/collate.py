@@ -33,10 +33,9 @@ class Collator:
     def __call__(self, items: list) -> dict:
         groups, bad = _group(items)
         p = self.processor
-        tf = p.train_transform if (self.train and self.augment) else p.eval_transform
         pixels, image_index, tasks, prompts, targets, itc = [], [], [], [], [], []
         for g in groups:
-            pixels.append(tf(g[0]["image"]))
+            pixels.append(g[0]["image"])
             for r in g:
                 image_index.append(len(pixels) - 1)
                 tasks.append(r["task"])
@@ -50,7 +49,7 @@ class Collator:
         # Caption ids for ITC: equal captions share a group (stable across processes: crc32, not hash()).
         groups_ids = [zlib.crc32(t.strip().lower().encode()) & 0x7FFFFFFF for t in targets]
         batch.update(
-            pixel_values=torch.stack(pixels),  # (B_img, 3, S, S)
+            pixel_values=p.pixel_values(pixels, train=self.train and self.augment),  # (B_img, 3, S, S)
             image_index=torch.tensor(image_index),  # (B,)
             itc_mask=torch.tensor(itc),  # (B,)
             itc_groups=torch.tensor(groups_ids),  # (B,)

@@ -87,12 +87,12 @@ def run_demo(out_dir: str | Path, overrides: list[str] | None = None, test_image
 
 
 def _one_question_each(examples: list[dict]) -> list[dict]:
-    """Merge per-image caption examples with the first question example of the same image."""
+    """One dict per image: its generated caption plus its first answered question."""
     by_image: dict = {}
     for ex in examples:
-        slot = by_image.setdefault(ex["image_id"], {})
-        for k, v in ex.items():
-            if k in ("question", "answer", "answers") and "question" in slot:
-                continue
-            slot.setdefault(k, v)
+        slot = by_image.setdefault(ex["image_id"], {"image_id": ex["image_id"], "image": ex["image"]})
+        if ex.get("task") == "caption":
+            slot.update(caption=ex["caption"], references=ex.get("references") or [""])
+        elif ex.get("task") == "vqa" and "question" not in slot:
+            slot.update(question=ex["question"], answer=ex["answer"], answers=ex.get("answers"))
     return list(by_image.values())

@@ -1,0 +1,80 @@
+"""`mmgpt eval MODEL --data SOURCE`: caption, VQA and retrieval metrics of a model on a data source.
+
+SOURCE is a short form that `train.data.parse_source` reads (`shapes:test:300`, `jsonl:PATH`,
+`coco:ANN.json:IMAGES`, a bare path, ...). The training package is imported inside the run function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mmgpt.commands.use import quiet
+
+TASK_CHOICES = ("caption", "vqa", "retrieval", "all")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="model folder (written by save_pretrained) or hub id")
+    parser.add_argument("--data", required=True, metavar="SOURCE",
+                        help="data source, e.g. shapes:test:300, jsonl:PATH, coco:ANN.json:IMAGES, or a path")
+    parser.add_argument("--task", default="all", choices=TASK_CHOICES, help="what to evaluate (default: all)")
+    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    parser.add_argument("--batch-size", type=int, default=64, metavar="B", help="batch size (default: 64)")
+    parser.add_argument("--max-images", type=int, default=None, metavar="N", help="evaluate the first N images only")
+    parser.add_argument("--max-new-tokens", type=int, default=24, metavar="N", help="longest output (default: 24)")
+    parser.add_argument("--num-beams", type=int, default=1, metavar="K", help="beam search width (default: 1)")
+    parser.add_argument("--no-meteor", action="store_true",
+                        help="skip METEOR (it starts a Java VM, which takes seconds)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+
+
+@quiet
+def run(args) -> int:
+    import warnings
+
+    from mmgpt.api import ModelLoadError, load
+    from mmgpt.cli import UserError
+    from train.data import DataError, build_source, parse_source
+    from train.evaluate import evaluate
+    from train.metrics import CAPTION_METRICS, MetricsWarning
+
+    for name in ("batch_size", "max_new_tokens", "num_beams"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.max_images is not None and args.max_images < 1:
+        raise UserError(f"--max-images must be at least 1, got {args.max_images}")
+    try:
+        source = build_source(parse_source(args.data))
+    except (DataError, ValueError, OSError) as err:
+        raise UserError(f"--data: {err}") from None
+    try:
+        vl = load(args.model, device=args.device)
+    except ModelLoadError as err:
+        raise UserError(str(err)) from None
+    except (AssertionError, RuntimeError, ValueError) as err:
+        raise UserError(f"{args.model}: {err}") from None
+
+    tasks = ("caption", "vqa", "retrieval") if args.task == "all" else (args.task,)
+    scorers = tuple(m for m in CAPTION_METRICS if not (args.no_meteor and m == "meteor"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MetricsWarning)
+        try:
+            result = evaluate(vl.model, vl.processor, source, tasks=tasks, batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                              max_images=args.max_images, caption_scorers=scorers)
+        except DataError as err:
+            raise UserError(f"--data: {err}") from None
+    for w in caught:
+        if issubclass(w.category, MetricsWarning):
+            print(f"mmgpt eval: note: {w.message}", file=sys.stderr)
+    m = result.metrics
+    if m["num_images"] == 0:
+        raise UserError(f"--data: {args.data} gave no usable records ({m['bad_records']} bad)")
+    if "vqa" in tasks and m["num_questions"] == 0 and args.task != "all":
+        print("mmgpt eval: note: the data has no questions; no VQA metrics", file=sys.stderr)
+    if m["bad_records"]:
+        print(f"mmgpt eval: note: skipped {m['bad_records']} bad records", file=sys.stderr)
+    print(json.dumps(m) if args.json else result.table(), flush=True)
+    return 0
