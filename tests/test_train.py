@@ -128,3 +128,16 @@ def test_two_processes_give_the_itc_loss_and_gradients_of_one(tmp_path):
     for k, g in grads.items():
         err = (g - two["grads"][k]).abs().max().item()
         assert err <= 1e-5 * max(1.0, g.abs().max().item()), (k, err)
+
+
+def test_frozen_encoder_feature_cache_gives_the_same_training(tmp_path):
+    """Cached features of a frozen encoder train exactly like recomputing them (epochs 2+ hit the cache)."""
+    common = [str(ROOT / "configs/train/shapes-tiny.yaml"), *SMALL, "max_steps=6",
+              "data.train=[{format: shapes, split: train, size: 8, task_mix: {caption: 1, vqa: 1}}]",
+              "freeze.vision=true", "data.validation=null", "deterministic=true"]
+    assert main([*common, f"output_dir={tmp_path / 'a'}", "freeze.feature_cache=none"]) == 0
+    assert main([*common, f"output_dir={tmp_path / 'b'}"]) == 0
+    a = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key

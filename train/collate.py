@@ -33,16 +33,17 @@ class Collator:
     def __call__(self, items: list) -> dict:
         groups, bad = _group(items)
         p = self.processor
-        pixels, image_index, tasks, prompts, targets, itc = [], [], [], [], [], []
+        pixels, image_index, tasks, prompts, targets, itc, image_ids = [], [], [], [], [], [], []
         for g in groups:
             pixels.append(g[0]["image"])
+            image_ids.append(g[0].get("image_id"))
             for r in g:
                 image_index.append(len(pixels) - 1)
                 tasks.append(r["task"])
                 prompts.append(r.get("prompt", ""))
                 targets.append(r["target"])
                 itc.append(r["task"] == "caption")
-        batch = {"bad": bad, "num_images": len(pixels), "num_rows": len(tasks)}
+        batch = {"bad": bad, "num_images": len(pixels), "num_rows": len(tasks), "image_ids": image_ids}
         if not pixels:
             return batch
         text = p.batch_examples(tasks, prompts, targets)

@@ -61,6 +61,10 @@ class OptimConfig:
 class FreezeConfig:
     vision: bool = False
     decoder: bool = False
+    # With the vision tower frozen and no augmentation, keep its outputs per image id in memory so
+    # later epochs skip the encoder ("none" turns it off).
+    feature_cache: str = "memory"
+    feature_cache_gb: float = 4.0
 
 
 @dataclass

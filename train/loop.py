@@ -146,6 +146,42 @@ def merge_lora(model) -> None:
             setattr(parent, child, module.get_base_layer())
 
 
+class FeatureCache:
+    """Outputs of a frozen vision tower per image id (CPU memory, up to a size cap)."""
+
+    def __init__(self, max_bytes: float):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.store: dict = {}
+        self.hits = self.misses = 0
+
+    def vision_outputs(self, model, pixel_values, image_ids):
+        from encoders import EncoderOutput
+
+        if any(i is None for i in image_ids):
+            return None
+        missing = [j for j, i in enumerate(image_ids) if i not in self.store]
+        self.hits += len(image_ids) - len(missing)
+        self.misses += len(missing)
+        fresh = {}
+        if missing:
+            with torch.no_grad():
+                out = model.vision(pixel_values[missing])  # patch_tokens (m, N, Dv), pooled (m, Dv)
+            for row, j in enumerate(missing):
+                pair = (out.patch_tokens[row].detach(), out.pooled[row].detach())
+                fresh[image_ids[j]] = pair
+                size = pair[0].numel() * pair[0].element_size() + pair[1].numel() * pair[1].element_size()
+                if self.bytes + size <= self.max_bytes:
+                    self.store[image_ids[j]] = (pair[0].cpu(), pair[1].cpu())
+                    self.bytes += size
+        dev = pixel_values.device
+        pairs = [fresh.get(i) or self.store[i] for i in image_ids]
+        return EncoderOutput(
+            patch_tokens=torch.stack([p[0].to(dev) for p in pairs]),  # (B_img, N, Dv)
+            pooled=torch.stack([p[1].to(dev) for p in pairs]),  # (B_img, Dv)
+        )
+
+
 def _log(path: Path, record: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -213,6 +249,9 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
 
         bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="train", dynamic_ncols=True)
     metrics_path = out / "metrics.jsonl"
+    cache = None
+    if cfg.freeze.vision and not cfg.data.augment and cfg.freeze.feature_cache == "memory":
+        cache = FeatureCache(cfg.freeze.feature_cache_gb * 2**30)
     t0 = time.time()
     seen_rows = seen_items = 0
     last_log_t, last_log_rows = t0, 0
@@ -234,6 +273,11 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
             if "pixel_values" not in batch:
                 continue
             inputs = {k: batch[k] for k in MODEL_KEYS}
+            if cache is not None:
+                cached = cache.vision_outputs(unwrapped, inputs["pixel_values"], batch["image_ids"])
+                if cached is not None:
+                    inputs["vision_outputs"] = cached
+                    del inputs["pixel_values"]
             with accelerator.accumulate(model):
                 outputs = model(**inputs)
                 loss = outputs.loss
@@ -323,6 +367,8 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
         processor.save_pretrained(export)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if cache is not None and main:
+        print(f"feature cache: {cache.hits} hits, {cache.misses} misses, {cache.bytes / 2**20:.0f} MiB", flush=True)
     return {"step": state["step"], "train_seconds": train_seconds, "nonfinite_steps": state["nonfinite"],
             "bad_records": bad.to_dict(), "eval": summary, "model_dir": str(out / "model")}
 
@@ -337,7 +383,7 @@ def _evaluate(accelerator, model, processor, cfg, step, metrics_path) -> dict:
         records = _first_images(val, cfg.data.eval_images)
         was_training = model.training
         model.eval()
-        result = evaluate(model, processor, records, device=accelerator.device)
+        result = evaluate(model, processor, records, device=accelerator.device, caption_scorers=("bleu", "cider"))
         if was_training:
             model.train()
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}

@@ -1,0 +1,342 @@
+"""`make bench`: mmgpt against its peers, side by side in one run (medians and ratios).
+
+Peers: transformers' VisionEncoderDecoderModel (ViT + GPT-2) and open_clip's CoCa, same sizes, random
+weights, fp32. Writes benchmarks/results/latest.json (one object per target) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    image: int
+    patch: int
+    width: int
+    layers: int
+    heads: int
+    vocab: int
+    text_len: int
+    batch: int
+
+
+TINY = Size("tiny", 64, 8, 128, 2, 4, 8000, 16, 64)
+SMALL = Size("small", 224, 16, 384, 6, 6, 8000, 32, 16)
+
+
+def median_time(fn, iters: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_peak(n: int = 1024, iters: int = 20) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = min(median_time(lambda: a @ b, iters) for _ in range(3))
+    return 2 * n**3 / best / 1e9  # GFLOP/s
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+def vit_cfg(s: Size) -> dict:
+    return dict(image_size=s.image, patch_size=s.patch, hidden_size=s.width, num_hidden_layers=s.layers,
+                num_attention_heads=s.heads, intermediate_size=4 * s.width, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0)
+
+
+def gpt_cfg(s: Size) -> dict:
+    return dict(n_embd=s.width, n_layer=s.layers, n_head=s.heads, n_positions=max(64, s.text_len + 32),
+                vocab_size=s.vocab, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                eos_token_id=1, pad_token_id=1)
+
+
+def build_mmgpt(s: Size, unimodal: int | None = None):
+    from mmgpt import MMGPTConfig, MMGPTModel
+
+    k = s.layers // 2 if unimodal is None else unimodal
+    cfg = MMGPTConfig(vision={"backend": "vit", "config": vit_cfg(s)}, text=gpt_cfg(s), adapter={"type": "linear"},
+                      projection_dim=s.width, unimodal_layers=k, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    m = MMGPTModel(cfg)
+    m.generation_config.update(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return m
+
+
+def build_ved(s: Size):
+    from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel, VisionEncoderDecoderModel
+
+    enc = ViTModel._from_config(ViTConfig(**vit_cfg(s)), attn_implementation="sdpa")
+    dec = GPT2LMHeadModel._from_config(GPT2Config(**gpt_cfg(s), add_cross_attention=True, is_decoder=True),
+                                       attn_implementation="sdpa")
+    return VisionEncoderDecoderModel(encoder=enc, decoder=dec)
+
+
+def build_coca(s: Size):
+    import transformers
+
+    transformers.BeamSearchScorer = None  # open_clip 3.3 under transformers 5, else generate() is disabled
+    from open_clip.coca_model import CoCa, MultimodalCfg
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    half = s.layers // 2
+    return CoCa(
+        embed_dim=s.width,
+        multimodal_cfg=MultimodalCfg(context_length=s.text_len, vocab_size=s.vocab, width=s.width, heads=s.heads,
+                                     layers=s.layers - half),
+        text_cfg=CLIPTextCfg(context_length=s.text_len, vocab_size=s.vocab, width=s.width, heads=s.heads, layers=half),
+        vision_cfg=CLIPVisionCfg(layers=s.layers, width=s.width, patch_size=s.patch, image_size=s.image),
+    )
+
+
+def batch_for(s: Size, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    px = torch.randn(s.batch, 3, s.image, s.image, generator=g)
+    ids = torch.randint(2, s.vocab, (s.batch, s.text_len), generator=g)
+    ids[:, 0] = 0
+    ids[:, -1] = 1
+    return px, ids
+
+
+def train_step_fn(kind: str, s: Size, model=None):
+    px, ids = batch_for(s)
+    if kind == "mmgpt":
+        model = model or build_mmgpt(s)
+        labels = ids.clone()
+        labels[:, 0] = -100
+
+        def loss_fn():
+            return model(pixel_values=px, input_ids=ids, labels=labels).loss
+    elif kind == "ved":
+        model = model or build_ved(s)
+
+        def loss_fn():
+            return model(pixel_values=px, labels=ids).loss
+    elif kind == "coca":
+        from open_clip.loss import CoCaLoss
+
+        model = model or build_coca(s)
+        crit = CoCaLoss(caption_loss_weight=1.0, clip_loss_weight=1.0, pad_id=0)
+
+        def loss_fn():
+            out = model(px, ids)
+            losses = crit(out["image_features"], out["text_features"], out["logits"], out["labels"],
+                          out["logit_scale"])
+            return sum(losses)
+    else:
+        raise ValueError(kind)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, step, loss_fn
+
+
+def flops_per_step(loss_fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fc = FlopCounterMode(display=False)
+    with fc:
+        loss_fn().backward()
+    return float(fc.get_total_flops())
+
+
+def gen_fn(kind: str, s: Size, batch: int, new_tokens: int = 24):
+    g = torch.Generator().manual_seed(1)
+    px = torch.randn(batch, 3, s.image, s.image, generator=g)
+    if kind == "mmgpt":
+        model = build_mmgpt(s).eval()
+        return lambda: model.generate(pixel_values=px, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                      do_sample=False)
+    if kind == "ved":
+        model = build_ved(s).eval()
+        return lambda: model.generate(pixel_values=px, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                      do_sample=False, decoder_start_token_id=0, eos_token_id=1, pad_token_id=1)
+    if kind == "coca":
+        model = build_coca(s).eval()
+        return lambda: model.generate(px, seq_len=new_tokens + 1, generation_type="top_k", top_k=1,
+                                      sot_token_id=2, eos_token_id=1, pad_token_id=0, fixed_output_length=True,
+                                      min_seq_len=new_tokens)
+    raise ValueError(kind)
+
+
+def feature_cache_ratio(s: Size, iters: int) -> tuple[float, float]:
+    """Adapter + decoder training with the vision tower frozen: cached features vs recomputing them."""
+    from encoders import EncoderOutput
+
+    model = build_mmgpt(s)
+    model.vision.freeze()
+    px, ids = batch_for(s)
+    labels = ids.clone()
+    with torch.no_grad():
+        cached = model.vision(px)
+    cached = EncoderOutput(patch_tokens=cached.patch_tokens.clone(), pooled=cached.pooled.clone())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def recompute():
+        model(pixel_values=px, input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def from_cache():
+        model(vision_outputs=cached, input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t_re, t_ca = median_time(recompute, iters), median_time(from_cache, iters)
+    return s.batch / t_ca, s.batch / t_re
+
+
+def data_path_rate(seconds: float = 6.0, workers: int = 2, batch: int = 64) -> float:
+    """Images/s delivered by shapes generation + preprocessing + collation through DataLoader workers."""
+    from torch.utils.data import DataLoader
+
+    from mmgpt import build_model
+    from train.collate import Collator
+    from train.data import ShapesDataset
+
+    ds = ShapesDataset("train", 100000, task_mix={"caption": 1, "vqa": 3}, grouped=True)
+    _, proc = build_model("tiny", texts=[r["target"] for i in range(50) for r in ds[i]])
+    dl = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=Collator(proc))
+    it = iter(dl)
+    next(it)
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        n += next(it)["num_images"]
+    return n / (time.perf_counter() - t)
+
+
+def rss_child(kind: str, steps: int = 4) -> None:
+    torch.set_num_threads(2)
+    _, step, _ = train_step_fn(kind, SMALL)
+    for _ in range(steps):
+        step()
+    print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def peak_rss(kind: str) -> float:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.run", "--rss-child", kind], capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+    return json.loads(out.stdout.strip().splitlines()[-1])["rss_mb"]
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def target(name, ours, peer, ratio, goal, unit, higher=True) -> dict:
+    met = ratio >= goal if higher else ratio <= goal
+    return {"name": name, "mmgpt": round(ours, 3), "peer": round(peer, 3) if peer is not None else None,
+            "ratio": round(ratio, 3), "target": goal, "met": bool(met), "unit": unit}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--iters", type=int, default=5, help="timed repetitions per measurement (median)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-coca", action="store_true")
+    ap.add_argument("--rss-child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.rss_child:
+        rss_child(args.rss_child)
+        return 0
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    have_coca = not args.skip_coca
+    if have_coca:
+        try:
+            build_coca(TINY)
+        except Exception as err:  # open_clip missing or incompatible: measure the rest
+            print(f"note: CoCa peer unavailable ({err}); pip install open-clip-torch", file=sys.stderr)
+            have_coca = False
+
+    peak = matmul_peak()
+    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s, {args.threads} threads", flush=True)
+    targets, rows = [], []
+
+    train_rates = {}
+    for s in (TINY, SMALL):
+        kinds = ["mmgpt", "ved"] + (["coca"] if have_coca and s is SMALL else [])
+        for kind in kinds:
+            _, step, loss_fn = train_step_fn(kind, s)
+            t = median_time(step, args.iters if s is SMALL else 2 * args.iters)
+            flops = flops_per_step(loss_fn)
+            train_rates[(kind, s.name)] = (s.batch / t, flops / t / 1e9 / peak)
+            rows.append((f"train {s.name}", kind, f"{s.batch / t:.1f} samples/s", f"MFU {100 * flops / t / 1e9 / peak:.0f}%"))
+            print(rows[-1], flush=True)
+        ours, peer = train_rates[("mmgpt", s.name)][0], train_rates[("ved", s.name)][0]
+        targets.append(target(f"train_{s.name}_itc_lm_vs_ved_caption", ours, peer, ours / peer, 1.0, "samples/s"))
+    mfu = train_rates[("mmgpt", "small")][1]
+    targets.append(target("mfu_small", mfu, None, mfu, 0.8, "fraction of matmul peak"))
+
+    for batch, goal in ((1, 3.0), (16, 2.0)):
+        rates = {}
+        for kind in ["mmgpt", "ved"] + (["coca"] if have_coca else []):
+            fn = gen_fn(kind, SMALL, batch)
+            t = median_time(fn, args.iters, warmup=1)
+            rates[kind] = batch * 24 / t
+            rows.append((f"greedy small b{batch}", kind, f"{rates[kind]:.1f} tokens/s", ""))
+            print(rows[-1], flush=True)
+        targets.append(target(f"generate_small_b{batch}_vs_ved", rates["mmgpt"], rates["ved"],
+                              rates["mmgpt"] / rates["ved"], goal, "tokens/s"))
+        if "coca" in rates:
+            targets.append(target(f"generate_small_b{batch}_vs_coca", rates["mmgpt"], rates["coca"],
+                                  rates["mmgpt"] / rates["coca"], 1.0, "tokens/s"))
+
+    cached, recomputed = feature_cache_ratio(SMALL, args.iters)
+    rows.append(("frozen encoder small", "mmgpt", f"cached {cached:.1f} vs recomputed {recomputed:.1f} samples/s", ""))
+    targets.append(target("feature_cache_small", cached, recomputed, cached / recomputed, 3.0, "samples/s"))
+
+    rss = {k: peak_rss(k) for k in ("mmgpt", "ved")}
+    rows.append(("peak RSS train small", "mmgpt / ved", f"{rss['mmgpt']:.0f} / {rss['ved']:.0f} MB", ""))
+    targets.append(target("peak_rss_small", rss["mmgpt"], rss["ved"], rss["mmgpt"] / rss["ved"], 1.1, "MB",
+                          higher=False))
+
+    data = data_path_rate()
+    consume = train_rates[("mmgpt", "tiny")][0]
+    rows.append(("data path (shapes, 2 workers)", "mmgpt", f"{data:.0f} images/s", f"training eats {consume:.0f}"))
+    targets.append(target("data_path_vs_tiny_training", data, consume, data / consume, 5.0, "images/s"))
+
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+               "matmul_peak_gflops": round(peak, 1), "torch": torch.__version__, "python": platform.python_version(),
+               "cpu_count": os.cpu_count()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps({"machine": machine, "targets": targets}, indent=2) + "\n")
+
+    print("\n| measurement | model | value | note |\n|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print("\n| target | mmgpt | peer | ratio | goal | met |\n|---|---|---|---|---|---|")
+    for t in targets:
+        print(f"| {t['name']} | {t['mmgpt']} | {t['peer']} | {t['ratio']} | {'<=' if t['name'].startswith('peak') else '>='}"
+              f"{t['target']} | {'yes' if t['met'] else 'NO'} |")
+    print(f"\nwrote {RESULTS / 'latest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
