@@ -84,7 +84,7 @@ def build_mmgpt(s: Size, unimodal: int | None = None):
 
 
 def build_ved(s: Size):
-    from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel, VisionEncoderDecoderModel
+    from transformers import GPT2Config, GPT2LMHeadModel, VisionEncoderDecoderModel, ViTConfig, ViTModel
 
     enc = ViTModel._from_config(ViTConfig(**vit_cfg(s)), attn_implementation="sdpa")
     dec = GPT2LMHeadModel._from_config(GPT2Config(**gpt_cfg(s), add_cross_attention=True, is_decoder=True),

@@ -15,7 +15,16 @@ _EXPORTS = {
     "load": "mmgpt.api",
     "VisionLanguagePipeline": "mmgpt.api",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "MMGPTConfig",
+    "MMGPTModel",
+    "MMGPTOutput",
+    "MMGPTProcessor",
+    "VisionLanguagePipeline",
+    "build_model",
+    "load",
+    "train_bpe_tokenizer",
+]
 __version__ = "0.1.0"
 
 

@@ -27,8 +27,9 @@ def build_model(
     load with `from_pretrained`; cross-attention, adapter and projections start new. A decoder built
     from a config gets a byte-level BPE trained on `texts` (required then).
     """
-    from encoders import build_encoder
     from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from encoders import build_encoder
 
     if isinstance(config, str):
         config = MMGPTConfig.from_preset(config)

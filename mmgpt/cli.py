@@ -16,6 +16,7 @@ COMMANDS = {
     "train": ("mmgpt.commands.train", "train from a YAML config"),
     "demo": ("mmgpt.commands.demo", "generate shapes, train the tiny model, evaluate, write samples"),
     "data": ("mmgpt.commands.data", "write data sets (the built-in shapes world) to disk"),
+    "serve": ("mmgpt.commands.serve", "serve a model over HTTP with a web page"),
 }
 
 

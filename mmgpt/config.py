@@ -60,11 +60,11 @@ class MMGPTConfig(PreTrainedConfig):
         kw["add_cross_attention"] = True
         return GPT2Config(**kw)
 
-    def get_text_config(self, decoder=None, encoder=None) -> GPT2Config:  # noqa: ARG002 - transformers' signature
+    def get_text_config(self, decoder=None, encoder=None) -> GPT2Config:
         return self.text_config
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "MMGPTConfig":
+    def from_preset(cls, name: str, **overrides) -> MMGPTConfig:
         """Build from `configs/model/NAME.json` (or a path to such a JSON file)."""
         path = Path(name)
         if not path.suffix:

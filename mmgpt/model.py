@@ -306,6 +306,25 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         inputs.pop("pixel_values", None)  # the memory is computed once, in generate()
         return inputs
 
+    def _can_use_fast_path(self, kwargs: dict) -> bool:
+        """Plain greedy search with a cache: our own loop (mmgpt.fastgen) gives the same tokens faster."""
+        from mmgpt.fastgen import FAST_OPTIONS
+
+        if kwargs.get("fast") is False or self.training or not kwargs.get("max_new_tokens"):
+            return False
+        opts = {k for k, v in kwargs.items() if k != "fast" and v is not None}
+        if not opts <= FAST_OPTIONS:
+            return False
+        gc = self.generation_config
+        if kwargs.get("num_beams", gc.num_beams or 1) != 1 or kwargs.get("do_sample", gc.do_sample):
+            return False
+        if not kwargs.get("use_cache", True) or isinstance(kwargs.get("eos_token_id", gc.eos_token_id), list):
+            return False
+        plain = (gc.repetition_penalty in (None, 1.0) and not gc.no_repeat_ngram_size and gc.bad_words_ids is None
+                 and gc.forced_eos_token_id is None and gc.forced_bos_token_id is None and gc.suppress_tokens is None
+                 and gc.begin_suppress_tokens is None and gc.sequence_bias is None)
+        return plain
+
     @torch.no_grad()
     def generate(
         self,
@@ -333,6 +352,18 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             input_ids = torch.full((b, 1), bos, dtype=torch.long, device=encoder_hidden_states.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if self._can_use_fast_path(kwargs):
+            from mmgpt.fastgen import greedy_generate
+
+            gc = self.generation_config
+            eos = kwargs.get("eos_token_id", gc.eos_token_id)
+            pad = kwargs.get("pad_token_id", gc.pad_token_id)
+            return greedy_generate(
+                self, encoder_hidden_states, input_ids, attention_mask, int(kwargs["max_new_tokens"]),
+                eos_token_id=eos, pad_token_id=eos if pad is None else pad,
+                min_new_tokens=int(kwargs.get("min_new_tokens") or 0),
+            )
+        kwargs.pop("fast", None)
         return super().generate(
             input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states, **kwargs
         )

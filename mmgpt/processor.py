@@ -195,7 +195,7 @@ class MMGPTProcessor:
         (path / PROCESSOR_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "MMGPTProcessor":
+    def from_pretrained(cls, path, **kwargs) -> MMGPTProcessor:
         path = Path(path)
         cfg_file = path / PROCESSOR_FILE
         if not cfg_file.is_file():

@@ -6,7 +6,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, ViTConfig, ViTModel, VisionEncoderDecoderModel
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+    VisionEncoderDecoderModel,
+    ViTConfig,
+    ViTModel,
+)
 
 from mmgpt import MMGPTConfig, MMGPTModel, MMGPTProcessor, build_model
 from mmgpt.losses import contrastive_loss
@@ -205,3 +212,31 @@ def test_overfitting_one_batch_drives_both_losses_down(adapter):
         opt.step()
     assert out.lm_loss.item() < 0.05, out.lm_loss.item()
     assert out.itc_loss.item() < 0.05, out.itc_loss.item()
+
+
+def test_fast_greedy_path_gives_the_tokens_of_generation_mixin():
+    for k in (0, 1):
+        model = make_model(seed=7, unimodal_layers=k)
+        torch.manual_seed(8)
+        pixels = torch.randn(3, 3, 32, 32)
+        prompts = [[0, 5, 6, 7, 8], [0, 9], [0, 10, 11, 12]]
+        width = max(map(len, prompts))
+        ids = torch.full((3, width), 1)
+        mask = torch.zeros(3, width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        assert model._can_use_fast_path({"max_new_tokens": 9})
+        for kw in ({"max_new_tokens": 9}, {"max_new_tokens": 9, "min_new_tokens": 9}):
+            fast = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, **kw)
+            slow = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, fast=False, **kw)
+            assert torch.equal(fast, slow), (k, kw)
+            fast = model.generate(pixel_values=pixels, **kw)
+            slow = model.generate(pixel_values=pixels, fast=False, **kw)
+            assert torch.equal(fast, slow), (k, kw)
+    # Stops early once every row has its EOS, padding finished rows, as generate() does.
+    model = make_model(seed=9)
+    model.decoder.lm_head.weight.data[1] += 5.0 * model.decoder.transformer.ln_f.bias.data.sign()
+    a = model.generate(pixel_values=torch.randn(2, 3, 32, 32), max_new_tokens=12)
+    b = model.generate(pixel_values=torch.randn(2, 3, 32, 32), max_new_tokens=12, fast=False)
+    assert a.shape[1] <= 13 and b.shape[1] <= 13

@@ -112,7 +112,7 @@ def test_two_processes_give_the_itc_loss_and_gradients_of_one(tmp_path):
            "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1", "--main_process_port", "0",
            str(ROOT / "tests/dist_itc_script.py"), str(tmp_path / "m"), str(tmp_path / "batch.pt"),
            str(tmp_path / "two.pt")]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     two = torch.load(tmp_path / "two.pt")
     assert two["world"] == 2

@@ -88,6 +88,9 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 1000
     max_minutes: float | None = None  # wall-clock guard: stop (and export) when reached
+    # With max_minutes: the cosine follows max(step / max_steps, elapsed / max_minutes), so the
+    # schedule ends when the time budget does, on any machine (runs are then not bit-reproducible).
+    time_schedule: bool = False
     precision: str = "auto"  # auto: fp32 on CPU, bf16 on GPUs that have it, else fp16; or no | bf16 | fp16
     activation_checkpointing: bool = False
     eval_every: int = 0  # steps; 0 = only at the end

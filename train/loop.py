@@ -14,8 +14,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from train.checkpoint import latest_checkpoint, save_checkpoint
 from train.collate import MODEL_KEYS, Collator
 from train.config import TrainConfig, to_dict
-from train.data.bad import BadDataCounter, DataError
-
+from train.data.bad import BadDataCounter
 
 _STEP_DELAY = float(os.environ.get("MMGPT_TEST_STEP_DELAY", "0") or 0)
 
@@ -96,13 +95,17 @@ def param_groups(model, cfg: TrainConfig) -> list[dict]:
     return list(groups.values())
 
 
-def lr_lambda(cfg: TrainConfig):
+def lr_lambda(cfg: TrainConfig, clock=None):
+    """Linear warmup, then cosine to min_lr_ratio. `clock()` -> fraction of the time budget used
+    (time_schedule): the cosine then runs on whichever of steps and time is further along."""
     warm, total, floor = cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio
 
     def f(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
         t = min(1.0, (step - warm) / max(1, total - warm))
+        if clock is not None:
+            t = max(t, min(1.0, clock()))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
     return f
@@ -220,7 +223,14 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
     )
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    clock = None
+    if cfg.time_schedule and cfg.max_minutes:
+        budget_start = time.time()
+
+        def clock():
+            return (time.time() - budget_start) / (60 * cfg.max_minutes)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, clock))
     model, optimizer, dl, scheduler = accelerator.prepare(model, optimizer, dl, scheduler)
     if cfg.trackers:
         accelerator.init_trackers("mmgpt", config={k: str(v) for k, v in to_dict(cfg).items()})
@@ -352,10 +362,7 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
     if bad.total:
         if main:
             print(bad.summary(seen_items), flush=True)
-        try:
-            bad.check(seen_items, cfg.data.max_bad_fraction)
-        except DataError:
-            raise
+        bad.check(seen_items, cfg.data.max_bad_fraction)
     if cfg.data.validation and not cfg.eval_every:
         summary = _evaluate(accelerator, unwrapped, processor, cfg, state["step"], metrics_path)
         best = _keep_best(accelerator, unwrapped, processor, cfg, summary, best, out)

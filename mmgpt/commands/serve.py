@@ -1,0 +1,70 @@
+"""`mmgpt serve MODEL`: the model over HTTP (JSON endpoints, /docs, and a web page at /).
+
+Listens on 127.0.0.1 unless --host says otherwise. fastapi and uvicorn are imported inside run():
+`mmgpt --help` works without the `serve` extra installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+
+from mmgpt.commands.use import _add_common, _load_pipeline, quiet
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_common(parser)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    parser.add_argument("--max-batch-size", type=int, default=16, metavar="B",
+                        help="most requests run in one model call (default: 16; 1 turns batching off)")
+    parser.add_argument("--max-wait-ms", type=float, default=10.0, metavar="MS",
+                        help="how long a request waits for others to join its batch (default: 10)")
+    parser.add_argument("--max-upload-mb", type=float, default=10.0, metavar="MB",
+                        help="largest request body (default: 10)")
+    parser.add_argument("--max-pixels", type=int, default=4096 * 4096, metavar="N",
+                        help="largest image, width x height (default: 4096 x 4096)")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                        help="seconds a request may take, queueing included (default: 30)")
+
+
+@quiet
+def run(args) -> int:
+    from mmgpt.cli import UserError
+
+    try:
+        from mmgpt.serve import ServeConfig, create_app
+        from mmgpt.serve.app import model_name
+        from mmgpt.serve.server import bind, is_loopback, serve
+    except ImportError as err:
+        raise UserError(f"serving needs fastapi, uvicorn and python-multipart ({err}); "
+                        "install them with: pip install 'mmgpt[serve]'") from None
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {args.port}")
+    try:
+        config = ServeConfig(
+            max_batch_size=args.max_batch_size,
+            max_wait_ms=args.max_wait_ms,
+            max_upload_bytes=int(args.max_upload_mb * 2**20),
+            max_pixels=args.max_pixels,
+            timeout_s=args.timeout,
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as err:
+        raise UserError(f"cannot listen on {args.host}:{args.port} ({err.strerror or err})") from None
+    try:
+        app = create_app(_load_pipeline(args), **asdict(config), name=model_name(args.model))
+        if not is_loopback(args.host):
+            print(f"mmgpt serve: listening on {args.host}, reachable from other machines; the API has no "
+                  "authentication", file=sys.stderr)
+        port = sock.getsockname()[1]
+        print(f"mmgpt serve: {args.model} on http://{args.host}:{port}/ (API docs at /docs)", file=sys.stderr)
+        serve(app, sock)
+    finally:
+        sock.close()
+    return 0

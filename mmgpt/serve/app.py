@@ -1,0 +1,290 @@
+"""The HTTP app: JSON endpoints over a pipeline, dynamic batching, a streaming answer endpoint, the
+web page, and the limits (413 body or pixels, 415 not an image, 422 bad fields or options, 504 slow).
+
+    app = create_app("runs/shapes/final", max_batch_size=16, max_wait_ms=10)
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+`create_app` also takes a pipeline object (anything with the methods of
+`mmgpt.api.VisionLanguagePipeline` used here), so tests can serve a stub in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel
+
+from mmgpt.serve import schemas
+from mmgpt.serve.batching import DynamicBatcher
+from mmgpt.serve.inputs import BodyLimit, decode_images, parse_body
+from mmgpt.serve.page import render_page
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Batching and limits of one server; checked once, here."""
+
+    max_batch_size: int = 16
+    max_wait_ms: float = 10.0
+    max_upload_bytes: int = 10 * 2**20  # a whole request body
+    max_pixels: int = 4096 * 4096  # per image, checked from the header before decoding
+    timeout_s: float = 30.0  # per request, queueing included
+    max_streams: int = 4  # streaming answers generated at once; more wait their turn
+
+    def __post_init__(self):
+        for name in ("max_batch_size", "max_upload_bytes", "max_pixels", "max_streams"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one model call does; requests with equal Work share batches."""
+
+    task: str  # caption | ask | embed_image | embed_text
+    options: tuple = ()
+
+
+def run_batch(pipeline, work: Work, items: list) -> list:
+    """One model call for a batch of items (runs in the batcher's thread)."""
+    opts = dict(work.options)
+    if work.task == "caption":
+        return pipeline.caption(items, batch_size=len(items), **opts)
+    if work.task == "ask":
+        images, questions = zip(*items)
+        return pipeline.ask(list(images), list(questions), batch_size=len(items), **opts)
+    if work.task == "embed_image":
+        return list(pipeline.embed_images(items, batch_size=len(items)))  # rows of (N, E)
+    if work.task == "embed_text":
+        return list(pipeline.embed_texts(items, batch_size=len(items)))
+    raise ValueError(f"unknown task {work.task!r}")
+
+
+def model_name(path: str | os.PathLike) -> str:
+    """How clients see a model: a folder by its name only (not where it lies), a hub id as given."""
+    path = Path(path)
+    return path.name if path.is_dir() else os.fspath(path)
+
+
+def _load(pipeline_or_model_dir, device, dtype):
+    if isinstance(pipeline_or_model_dir, str | os.PathLike):
+        from mmgpt.api import load
+
+        return load(pipeline_or_model_dir, device=device, dtype=dtype), model_name(pipeline_or_model_dir)
+    return pipeline_or_model_dir, type(pipeline_or_model_dir).__name__
+
+
+def _body_doc(model: type[BaseModel]) -> dict:
+    """OpenAPI request body for a route that reads JSON or multipart itself."""
+    schema = model.model_json_schema()
+    form = json.loads(json.dumps(schema))
+    for name, prop in form["properties"].items():
+        if name.startswith("image"):
+            binary = {"type": "string", "format": "binary"}
+            form["properties"][name] = {**prop, "items": binary} if prop.get("type") == "array" else binary
+    content = {"application/json": {"schema": schema}, "multipart/form-data": {"schema": form}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+class _Cancel:
+    """A stopping criterion for generate(): ends generation once `event` is set (client gone, timeout)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _sse(data: dict, event: str | None = None) -> str:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def create_app(
+    pipeline_or_model_dir,
+    max_batch_size: int = 16,
+    max_wait_ms: float = 10.0,
+    max_upload_bytes: int = ServeConfig.max_upload_bytes,
+    max_pixels: int = ServeConfig.max_pixels,
+    timeout_s: float = ServeConfig.timeout_s,
+    max_streams: int = ServeConfig.max_streams,
+    device=None,
+    dtype=None,
+    name: str | None = None,
+) -> FastAPI:
+    """A FastAPI app serving a pipeline, or the model in a folder (loaded here, once, on `device`
+    in `dtype`). `name` is shown on the page and in /health (default: the folder's name)."""
+    config = ServeConfig(max_batch_size, max_wait_ms, max_upload_bytes, max_pixels, timeout_s, max_streams)
+    pipeline, default_name = _load(pipeline_or_model_dir, device, dtype)
+    name = name or default_name
+    batcher = DynamicBatcher(lambda work, items: run_batch(pipeline, work, items), max_batch_size, max_wait_ms)
+    streams: list[asyncio.Semaphore] = []  # made in the lifespan, in the loop that serves
+    page = render_page(name, max_upload_bytes)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await batcher.start()
+        streams[:] = [asyncio.Semaphore(max_streams)]
+        yield
+        await batcher.stop()
+
+    app = FastAPI(
+        title=f"mmgpt: {name}",
+        summary="Caption images, answer questions about them, embed and compare images and texts.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
+    app.state.config, app.state.batcher, app.state.pipeline = config, batcher, pipeline
+
+    async def within_timeout(coro):
+        try:
+            return await asyncio.wait_for(coro, timeout_s)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            raise HTTPException(504, f"no answer within {timeout_s:g} s; try again when the server is less busy")
+
+    async def body(request: Request, model: type[schemas.Body]):
+        return await parse_body(request, model, max_upload_bytes)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> str:
+        return page
+
+    @app.get("/health", responses={503: {"description": "the batch worker is not running"}})
+    async def health() -> JSONResponse:
+        return JSONResponse(status_code=200 if batcher.running else 503, content={
+            "status": "ok" if batcher.running else "unavailable",
+            "model": name,
+            "device": str(getattr(pipeline, "device", "unknown")),
+            "queued": batcher.queued,
+            "batches": asdict(batcher.stats),
+            "config": asdict(config),
+        })
+
+    @app.post("/v1/caption", response_model=schemas.CaptionResponse, openapi_extra=_body_doc(schemas.CaptionRequest))
+    async def caption(request: Request) -> schemas.CaptionResponse:
+        async def go():
+            req = await body(request, schemas.CaptionRequest)
+            images = await decode_images(req.images, "images", max_pixels)
+            return schemas.CaptionResponse(captions=await batcher.submit_many(Work("caption", req.options()), images))
+
+        return await within_timeout(go())
+
+    @app.post("/v1/ask", response_model=schemas.AskResponse, openapi_extra=_body_doc(schemas.AskRequest))
+    async def ask(request: Request) -> schemas.AskResponse:
+        async def go():
+            req = await body(request, schemas.AskRequest)
+            images = await decode_images(req.images, "images", max_pixels)
+            items = [(im, req.question) for im in images]
+            return schemas.AskResponse(answers=await batcher.submit_many(Work("ask", req.options()), items))
+
+        return await within_timeout(go())
+
+    async def embed_all(images: list[bytes], texts: list[str]) -> tuple[list, list]:
+        decoded = await decode_images(images, "images", max_pixels)
+        return await asyncio.gather(
+            batcher.submit_many(Work("embed_image"), decoded), batcher.submit_many(Work("embed_text"), texts)
+        )
+
+    @app.post("/v1/embed", response_model=schemas.EmbedResponse, openapi_extra=_body_doc(schemas.EmbedRequest))
+    async def embed(request: Request) -> schemas.EmbedResponse:
+        async def go():
+            req = await body(request, schemas.EmbedRequest)
+            img, txt = await embed_all(req.images, req.texts)
+            return schemas.EmbedResponse(image_embeddings=[e.tolist() for e in img],
+                                         text_embeddings=[e.tolist() for e in txt])
+
+        return await within_timeout(go())
+
+    @app.post(
+        "/v1/similarity", response_model=schemas.SimilarityResponse, openapi_extra=_body_doc(schemas.SimilarityRequest)
+    )
+    async def similarity(request: Request) -> schemas.SimilarityResponse:
+        async def go():
+            req = await body(request, schemas.SimilarityRequest)
+            img, txt = await embed_all(req.images, req.texts)
+            sim = torch.stack(img) @ torch.stack(txt).T  # (N_img, E) @ (E, N_txt): cosine, both L2-normed
+            return schemas.SimilarityResponse(similarity=sim.tolist())
+
+        return await within_timeout(go())
+
+    @app.post(
+        "/v1/ask/stream",
+        response_class=StreamingResponse,
+        openapi_extra=_body_doc(schemas.AskStreamRequest),
+        responses={200: {"content": {"text/event-stream": {}},
+                         "description": 'server-sent events: `data: {"text": piece}` per piece, then '
+                                        '`event: done` with `{"answer": ...}`, or `event: error` with `{"detail": ...}`'}},
+    )
+    async def ask_stream(request: Request) -> StreamingResponse:
+        """Answer one question about one image, piece by piece as it is generated."""
+        deadline = time.monotonic() + timeout_s
+        stop = threading.Event()
+        end = object()
+        held = False
+
+        def release() -> None:  # once: stops generate() and frees the stream slot
+            nonlocal held
+            stop.set()
+            if held:
+                held = False
+                streams[0].release()
+
+        async def start() -> tuple[Iterator[str], object]:
+            nonlocal held
+            req = await body(request, schemas.AskStreamRequest)
+            (image,) = await decode_images([req.image], "image", max_pixels)
+            await streams[0].acquire()
+            held = True
+            # a response whose body is never read (client gone at once) must not keep the slot
+            asyncio.get_running_loop().call_later(timeout_s + 1, release)
+            try:
+                from transformers import StoppingCriteriaList
+
+                gen = {"max_new_tokens": req.max_new_tokens, "stopping_criteria": StoppingCriteriaList([_Cancel(stop)])}
+                pieces = await asyncio.to_thread(pipeline.stream_answer, image, req.question, **gen)
+                return pieces, await asyncio.to_thread(next, pieces, end)  # first piece: 504 if it is late
+            except BaseException:
+                release()
+                raise
+
+        pieces, first = await within_timeout(start())
+
+        async def events() -> AsyncIterator[str]:
+            answer, piece = "", first
+            try:
+                while piece is not end:
+                    answer += piece
+                    yield _sse({"text": piece})
+                    remaining = max(deadline - time.monotonic(), 0)
+                    piece = await asyncio.wait_for(asyncio.to_thread(next, pieces, end), remaining)
+                yield _sse({"answer": answer}, "done")
+            except asyncio.TimeoutError:
+                yield _sse({"detail": f"no full answer within {timeout_s:g} s"}, "error")
+            except Exception as err:  # the status line is sent; the error goes in the stream
+                log.exception("streaming answer failed")
+                yield _sse({"detail": f"generation failed ({type(err).__name__})"}, "error")
+            finally:
+                release()  # ends generate() early when the client went away or time ran out
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    return app
