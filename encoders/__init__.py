@@ -20,6 +20,7 @@ def build_encoder(
     attn_implementation: str = "sdpa",
     image_mean: Sequence[float] | None = None,
     image_std: Sequence[float] | None = None,
+    stem: str = "patch",
 ) -> VisionEncoder:
     """Build a vision encoder.
 
@@ -40,6 +41,13 @@ def build_encoder(
         image_mean=tuple(image_mean) if image_mean is not None else None,
         image_std=tuple(image_std) if image_std is not None else None,
     )
+    if stem == "conv":
+        from .stem import use_conv_stem
+
+        use_conv_stem(encoder.model, backend)
+        encoder.stem = "conv"
+    elif stem != "patch":
+        raise ValueError(f"unknown stem {stem!r}: use 'patch' or 'conv'")
     if freeze:
         encoder.freeze()
     return encoder

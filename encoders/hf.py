@@ -131,6 +131,7 @@ class HFVisionEncoder(VisionEncoder):
     def config_dict(self) -> dict:
         return {
             "backend": self.backend,
+            "stem": getattr(self, "stem", "patch"),
             "config": architecture_kwargs(self.model.config),
             "image_mean": list(self.image_mean),
             "image_std": list(self.image_std),

@@ -22,12 +22,14 @@ def build_model(
 ) -> tuple[MMGPTModel, MMGPTProcessor]:
     """-> (model, processor).
 
-    `config`: a preset name (`tiny`, `base`), a path to a preset JSON, a dict of config fields, or an
-    MMGPTConfig. Parts named in `vision_pretrained` / `text_pretrained` (hub ids or local folders)
-    load with `from_pretrained`; cross-attention, adapter and projections start new. A decoder built
-    from a config gets a byte-level BPE trained on `texts` (required then).
+    `config`: a preset name (`tiny`, `base`, `tiny-prefix`, `smollm2-135m`, ...), a path to a preset JSON,
+    a dict of config fields, or an MMGPTConfig. Parts named in `vision_pretrained` / `text_pretrained`
+    (hub ids or local folders) load with `from_pretrained` (with prefix fusion the decoder is any
+    `AutoModelForCausalLM`, with its `AutoTokenizer`); cross-attention, adapter and projections start new.
+    A decoder built from a config gets a byte-level BPE trained on `texts` (required then).
     """
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
 
     from encoders import build_encoder
 
@@ -47,13 +49,21 @@ def build_model(
         vision_spec = vision.config_dict()
 
     decoder = None
-    if config.text_pretrained:
+    if config.text_pretrained and config.fusion == "prefix":
+        # fp32 like the rest of the model (checkpoints such as Qwen2.5 are stored in bf16); mixed precision
+        # is the trainer's business.
+        decoder = AutoModelForCausalLM.from_pretrained(
+            config.text_pretrained, attn_implementation=attn_implementation, dtype=torch.float32
+        )
+        _mark_initialised(decoder)
+    elif config.text_pretrained:
         decoder = GPT2LMHeadModel.from_pretrained(
             config.text_pretrained, add_cross_attention=True, attn_implementation=attn_implementation
         )
         for name, module in decoder.named_modules():
             if "crossattention" not in name and "ln_cross_attn" not in name:
                 module._is_hf_initialized = True
+    if decoder is not None:
         tokenizer = AutoTokenizer.from_pretrained(config.text_pretrained)
         text = {k: v for k, v in decoder.config.to_dict().items() if k not in ("architectures", "transformers_version")}
     else:
@@ -90,6 +100,18 @@ def build_model(
         image_size=enc.image_size,
         image_mean=enc.image_mean,
         image_std=enc.image_std,
-        max_length=min(int(text.get("n_positions", 1024)), 1024),
+        max_length=_max_text_length(model),
     )
     return model, processor
+
+
+def _max_text_length(model: MMGPTModel) -> int:
+    """Tokens of text that fit the decoder's positions (after the image tokens, with prefix fusion)."""
+    n = int(getattr(model.config.text_config, "max_position_embeddings", None) or 1024)
+    if model.uses_prefix:
+        from mmgpt.prefix import num_image_tokens
+
+        n -= num_image_tokens(model)
+    if n < 8:
+        raise ValueError(f"the decoder has no room for text: {n} positions left after the image tokens")
+    return min(n, 1024)

@@ -17,6 +17,7 @@ COMMANDS = {
     "demo": ("mmgpt.commands.demo", "generate shapes, train the tiny model, evaluate, write samples"),
     "data": ("mmgpt.commands.data", "write data sets (the built-in shapes world) to disk"),
     "serve": ("mmgpt.commands.serve", "serve a model over HTTP with a web page"),
+    "explain": ("mmgpt.commands.explain", "draw where the decoder looked for each generated word"),
 }
 
 

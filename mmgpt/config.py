@@ -6,14 +6,24 @@ import json
 import math
 from pathlib import Path
 
-from transformers import GPT2Config, PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 
-FUSIONS = ("cross_attention",)
+FUSIONS = ("cross_attention", "prefix")
+# Keys of a decoder's own config dict that describe the file, not the model (and a saved dtype, which would
+# build the decoder in another precision than the rest of the model).
+_TEXT_META_KEYS = ("model_type", "transformers_version", "architectures", "dtype", "torch_dtype")
+# LoRA target modules by decoder type; any other type gets DEFAULT_LORA_TARGETS (the common Llama naming).
+LORA_TARGETS = {"gpt2": ("c_attn", "c_proj", "q_attn")}
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "model"
 
 
 class MMGPTConfig(PreTrainedConfig):
-    """Nested config: `vision` ({"backend", "config"}), `text` (GPT2Config kwargs), `adapter` ({"type", ...}).
+    """Nested config: `vision` ({"backend", "config"}), `text` (the decoder's config kwargs, with its
+    `model_type`, gpt2 by default), `adapter` ({"type", ...}).
+
+    `fusion`: `cross_attention` (GPT-2 blocks attend to the adapter output) or `prefix` (the adapter output
+    is prepended to the token embeddings: any causal LM). None picks cross_attention for GPT-2, else prefix.
 
     Parts are stored as JSON-able dicts, so `to_json_string` / `from_pretrained` round-trip them untouched.
     Pretrained part names (hub ids or folders) are recorded for provenance only: `__init__` of the model
@@ -25,7 +35,7 @@ class MMGPTConfig(PreTrainedConfig):
     vision: dict | None = None
     text: dict | None = None
     adapter: dict | None = None
-    fusion: str = "cross_attention"
+    fusion: str | None = None
     projection_dim: int = 256
     unimodal_layers: int = 0
     itc_weight: float = 1.0
@@ -41,12 +51,26 @@ class MMGPTConfig(PreTrainedConfig):
         if self.vision is None:
             self.vision = {"backend": "vit", "config": {}}
         self.vision = {"backend": "vit", "config": {}, **self.vision}
-        self.text = dict(self.text or {})
+        self.text = {"model_type": "gpt2", **(self.text or {})}
         self.adapter = {"type": "mlp", **(self.adapter or {})}
         self.tokenizer = dict(self.tokenizer or {})
+        if self.fusion is None:
+            self.fusion = "cross_attention" if self.text["model_type"] == "gpt2" else "prefix"
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion={self.fusion!r} is not supported; choose one of {FUSIONS}")
-        n_layer = self.text.get("n_layer", self.text.get("num_hidden_layers", 12))
+        if self.fusion == "cross_attention" and self.text["model_type"] != "gpt2":
+            raise ValueError(
+                f"fusion='cross_attention' needs a GPT-2 decoder (text model_type {self.text['model_type']!r}); "
+                "use fusion='prefix' for other causal LMs"
+            )
+        if self.fusion == "prefix" and self.unimodal_layers != 0:
+            raise ValueError(
+                f"unimodal_layers={self.unimodal_layers}: the CoCa split needs cross-attention; with fusion='prefix' "
+                "the text embedding comes from an image-free decoder pass, so unimodal_layers must be 0"
+            )
+        n_layer = self.text.get("num_hidden_layers", self.text.get("n_layer"))
+        if n_layer is None:  # the decoder class's default
+            n_layer = self.text_config.num_hidden_layers
         if not 0 <= self.unimodal_layers < n_layer:
             raise ValueError(
                 f"unimodal_layers={self.unimodal_layers} must be in [0, {n_layer}) (the decoder has {n_layer} layers)"
@@ -55,20 +79,26 @@ class MMGPTConfig(PreTrainedConfig):
 
     # The decoder's own config, used by the model and by GenerationMixin (cache sizing, vocab).
     @property
-    def text_config(self) -> GPT2Config:
-        kw = {k: v for k, v in self.text.items() if k not in ("model_type", "transformers_version", "architectures")}
-        kw["add_cross_attention"] = True
-        return GPT2Config(**kw)
+    def text_config(self) -> PreTrainedConfig:
+        kw = {k: v for k, v in self.text.items() if k not in _TEXT_META_KEYS}
+        if self.fusion == "cross_attention":  # GPT-2 only (checked in __post_init__)
+            kw["add_cross_attention"] = True
+        return AutoConfig.for_model(self.text["model_type"], **kw)
 
-    def get_text_config(self, decoder=None, encoder=None) -> GPT2Config:
+    def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         return self.text_config
+
+    @property
+    def lora_target_modules(self) -> tuple[str, ...]:
+        """Default LoRA targets for this decoder type: its attention projections (and GPT-2's MLP c_proj)."""
+        return LORA_TARGETS.get(self.text["model_type"], DEFAULT_LORA_TARGETS)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> MMGPTConfig:
         """Build from `configs/model/NAME.json` (or a path to such a JSON file)."""
-        path = Path(name)
-        if not path.suffix:
-            path = PRESET_DIR / f"{name}.json"
+        path = PRESET_DIR / f"{name}.json"  # a name may hold dots: "qwen2.5-0.5b"
+        if not path.is_file():
+            path = Path(name) if Path(name).suffix == ".json" else path
         if not path.is_file():
             known = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
             raise ValueError(f"unknown model preset {name!r}: no file {path}; known presets: {known}")

@@ -1,4 +1,9 @@
-"""MMGPTModel: ViT encoder -> adapter -> GPT-2 decoder with cross-attention; ITC + LM in one forward."""
+"""MMGPTModel: ViT encoder -> adapter -> decoder; ITC + LM in one forward.
+
+Fusion `cross_attention`: a GPT-2 decoder whose blocks cross-attend to the adapter output (run here, in
+`run_decoder`). Fusion `prefix`: the adapter output goes in front of the token embeddings of any causal LM
+(mmgpt.prefix).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, GPT2LMHeadModel, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, GPT2LMHeadModel, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.utils import ModelOutput
 
 from encoders import build_encoder
+from mmgpt import prefix
 from mmgpt.adapter import build_adapter
 from mmgpt.config import MMGPTConfig
 from mmgpt.losses import contrastive_loss
@@ -33,7 +39,7 @@ class MMGPTOutput(ModelOutput):
 
 @dataclass
 class ImageFeatures:
-    tokens: torch.Tensor  # (B, K, Dt) adapter output, the decoder's cross-attention memory
+    tokens: torch.Tensor  # (B, K, Dt) adapter output: the cross-attention memory, or the prefix tokens
     pooled: torch.Tensor  # (B, Dv) encoder's pooled vector
 
 
@@ -60,26 +66,34 @@ class MMGPTPreTrainedModel(PreTrainedModel):
 class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"decoder.lm_head.weight": "decoder.transformer.wte.weight"}
 
-    def __init__(self, config: MMGPTConfig, vision=None, decoder: GPT2LMHeadModel | None = None):
+    def __init__(self, config: MMGPTConfig, vision=None, decoder: PreTrainedModel | None = None):
         super().__init__(config)
         attn = getattr(config, "_attn_implementation", None) or "sdpa"
         if attn not in ("sdpa", "eager"):
             attn = "sdpa"
         self.vision = vision or build_encoder(
-            config.vision["backend"], config=config.vision.get("config") or {}, attn_implementation=attn
+            config.vision["backend"], config=config.vision.get("config") or {}, attn_implementation=attn,
+            stem=config.vision.get("stem", "patch"),
         )
+        self.uses_prefix = config.fusion == "prefix"
         if decoder is None:
-            decoder = GPT2LMHeadModel._from_config(config.text_config, attn_implementation=attn)
+            if self.uses_prefix:
+                decoder = AutoModelForCausalLM.from_config(config.text_config, attn_implementation=attn)
+            else:
+                decoder = GPT2LMHeadModel._from_config(config.text_config, attn_implementation=attn)
         self.decoder = decoder
         tcfg = decoder.config
         self.k = config.unimodal_layers
+        if self.uses_prefix:
+            # No `decoder.transformer` here: post_init collects the decoder's own tied weights instead.
+            self._tied_weights_keys = None
         # Unimodal layers never see the image: they own no cross-attention weights (DDP needs every
         # parameter to get a gradient).
-        for block in decoder.transformer.h[: self.k]:
+        for block in decoder.transformer.h[: self.k] if self.k else ():
             for name in ("crossattention", "ln_cross_attn"):
                 if hasattr(block, name):
                     delattr(block, name)
-        dv, dt = self.vision.hidden_size, tcfg.n_embd
+        dv, dt = self.vision.hidden_size, tcfg.hidden_size
         self.adapter = build_adapter(config.adapter, dv, dt)
         e = config.projection_dim
         self.image_proj = nn.Linear(dv, e, bias=False)
@@ -92,13 +106,13 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
     # --- parts -----------------------------------------------------------------------------------
 
     def get_input_embeddings(self):
-        return self.decoder.transformer.wte
+        return self.decoder.get_input_embeddings()
 
     def set_input_embeddings(self, value):
-        self.decoder.transformer.wte = value
+        self.decoder.set_input_embeddings(value)
 
     def get_output_embeddings(self):
-        return self.decoder.lm_head
+        return self.decoder.get_output_embeddings()
 
     # --- image side ------------------------------------------------------------------------------
 
@@ -195,13 +209,17 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             h = self.text_norm(h)
         return F.normalize(self.text_proj(h), dim=-1)  # (B, E)
 
+    def _image_free_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, Dt) hidden states of a decoder pass without the image: the first k layers in the CoCa
+        split, else all (prefix fusion: the decoder's base model with no image tokens in front)."""
+        if self.uses_prefix:
+            return prefix.text_hidden(self, input_ids, attention_mask)
+        hidden, _, _ = self.run_decoder(input_ids, attention_mask, stop_after=self.k or None)
+        return hidden
+
     def embed_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Image-free text embedding (the one ITC uses): the first k layers in the CoCa split, else all."""
-        if self.k > 0:
-            hidden, _, _ = self.run_decoder(input_ids, attention_mask, stop_after=self.k)
-        else:
-            hidden, _, _ = self.run_decoder(input_ids, attention_mask)
-        return self._text_embedding(hidden, attention_mask)
+        """Image-free text embedding (the one ITC uses)."""
+        return self._text_embedding(self._image_free_hidden(input_ids, attention_mask), attention_mask)
 
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.image_embedding(self.vision(pixel_values).pooled)
@@ -232,7 +250,9 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         labels: (B, T) next-token targets aligned with input_ids (-100 = ignore); shifted here.
         itc_mask: (B,) bool, rows whose text is a caption of its image (ITC pairs); default: all rows
             when ITC is on. itc_groups: (B,) ids; equal ids mark identical captions (all positives).
-        encoder_hidden_states: (B, K, Dt) precomputed adapter output (generation passes it).
+        encoder_hidden_states: (B, K, Dt) precomputed adapter output (generation passes it); with prefix
+            fusion these are the image tokens put in front of the text (logits stay (B, T, V), text only).
+        position_ids: (B, T) text positions (prefix fusion shifts them by K); default: from attention_mask.
         vision_outputs: precomputed `EncoderOutput` (patch_tokens, pooled) of a frozen encoder, used in
             place of pixel_values (the feature cache).
         """
@@ -252,11 +272,17 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         else:
             memory = encoder_hidden_states
 
-        tap = self.k if (compute_itc and self.k > 0) else None
-        hidden, tapped, cache = self.run_decoder(
-            input_ids, attention_mask, memory, position_ids, cache, bool(use_cache), tap_layer=tap
-        )
-        logits = self.decoder.lm_head(hidden)  # (B, T, V)
+        tapped = None
+        if self.uses_prefix:
+            logits, cache = prefix.decoder_logits(
+                self, input_ids, attention_mask, memory, position_ids, cache, bool(use_cache)
+            )  # (B, T, V): the text positions only, so labels align with input_ids as in cross-attention
+        else:
+            tap = self.k if (compute_itc and self.k > 0) else None
+            hidden, tapped, cache = self.run_decoder(
+                input_ids, attention_mask, memory, position_ids, cache, bool(use_cache), tap_layer=tap
+            )
+            logits = self.decoder.lm_head(hidden)  # (B, T, V)
 
         lm_loss = itc_loss = image_embeds = text_embeds = None
         if labels is not None:
@@ -278,7 +304,7 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             if self.k > 0:
                 text_hidden = tapped[rows]  # (b, T, Dt): the unimodal layers' output, same pass
             else:
-                text_hidden, _, _ = self.run_decoder(input_ids[rows], am)  # image-free pass
+                text_hidden = self._image_free_hidden(input_ids[rows], am)  # (b, T, Dt), image-free pass
             text_embeds = self._text_embedding(text_hidden, am)  # (b, E)
             groups = itc_groups[rows] if itc_groups is not None else None
             itc_loss = contrastive_loss(image_embeds, text_embeds, logit_scale, groups)
@@ -310,6 +336,8 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         """Plain greedy search with a cache: our own loop (mmgpt.fastgen) gives the same tokens faster."""
         from mmgpt.fastgen import FAST_OPTIONS
 
+        if self.uses_prefix:  # the fast loop reads GPT-2's cross-attention blocks
+            return False
         if kwargs.get("fast") is False or self.training or not kwargs.get("max_new_tokens"):
             return False
         opts = {k for k, v in kwargs.items() if k != "fast" and v is not None}
@@ -320,7 +348,8 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             return False
         if not kwargs.get("use_cache", True) or isinstance(kwargs.get("eos_token_id", gc.eos_token_id), list):
             return False
-        plain = (gc.repetition_penalty in (None, 1.0) and not gc.no_repeat_ngram_size and gc.bad_words_ids is None
+        plain = (gc.repetition_penalty in (None, 1.0) and not gc.min_new_tokens and not gc.min_length
+                 and not gc.no_repeat_ngram_size and gc.bad_words_ids is None
                  and gc.forced_eos_token_id is None and gc.forced_bos_token_id is None and gc.suppress_tokens is None
                  and gc.begin_suppress_tokens is None and gc.sequence_bias is None)
         return plain
@@ -337,8 +366,9 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         """Caption (no prompt) or answer (prompt in input_ids, left-padded) images.
 
         The image goes through encoder and adapter once; each step reuses the memory, and the
-        cross-attention keys/values are cached after the first step. Returns prompt + new tokens,
-        as transformers' generate does for decoder-only models.
+        cross-attention keys/values are cached after the first step (prefix fusion: the image tokens
+        enter the KV cache on the first step; without a cache they go in front again at every step).
+        Returns prompt + new tokens, as transformers' generate does for decoder-only models.
         """
         if encoder_hidden_states is None:
             if pixel_values is None:

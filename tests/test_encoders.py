@@ -271,3 +271,20 @@ def test_load_transform_encode(tmp_path):
         out = enc(batch)
     assert out.patch_tokens.shape == (2, PATCHES, 32)
     torch.testing.assert_close(out.pooled[0], out.pooled[1])
+
+
+def test_conv_stem_keeps_the_token_grid_and_round_trips(tmp_path):
+    from encoders.stem import ConvStem
+
+    enc = build_encoder("vit", {**TINY}, stem="conv")
+    assert isinstance(enc.model.embeddings.patch_embeddings.projection, ConvStem)
+    plain = build_encoder("vit", {**TINY})
+    px = torch.randn(2, 3, TINY["image_size"], TINY["image_size"])
+    assert enc(px).patch_tokens.shape == plain(px).patch_tokens.shape
+    cfg = json.loads(json.dumps(enc.config_dict()))
+    assert cfg["stem"] == "conv"
+    again = build_encoder(**cfg)
+    again.load_state_dict(enc.state_dict())
+    assert torch.equal(again(px).patch_tokens, enc(px).patch_tokens)
+    with pytest.raises(ValueError, match="stem"):
+        build_encoder("clip", {**TINY}, stem="conv")

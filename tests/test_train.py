@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SMALL = [
     "data.train=[{format: shapes, split: train, size: 64, task_mix: {caption: 1, vqa: 2}}]",
     "data.num_workers=0", "batch_size=4", "log_every=1", "progress=false", "optim.warmup_steps=2",
-    "model.tokenizer_texts=400",
+    "model.tokenizer_texts=400", "time_schedule=false", "max_minutes=null",
 ]
 
 
@@ -34,7 +34,7 @@ def test_unknown_key_names_the_key_and_the_nearest_valid_one(tmp_path):
         load_config(bad)
     assert main([str(bad)]) == 2
     cfg = load_config(ROOT / "configs/train/shapes-tiny.yaml", ["optim.lr=0.5", "model.overrides.unimodal_layers=1"])
-    assert cfg.optim.lr == 0.5 and cfg.model.overrides["unimodal_layers"] == 1 and cfg.batch_size == 64
+    assert cfg.optim.lr == 0.5 and cfg.model.overrides["unimodal_layers"] == 1 and cfg.batch_size == 32
 
 
 def test_main_trains_a_few_steps_and_exports_a_loadable_model(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import textwrap
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def samples_grid(examples: list[dict], path: Path, n: int = 12, cols: int = 4, s
     if not examples:
         return
     side = examples[0]["image"].width * scale
-    cell_w, text_h = max(side, 260), 58
+    cell_w, text_h = max(side, 260), 92
     rows = (len(examples) + cols - 1) // cols
     sheet = Image.new("RGB", (cols * cell_w, rows * (side + text_h)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -27,11 +28,12 @@ def samples_grid(examples: list[dict], path: Path, n: int = 12, cols: int = 4, s
         x, y = (i % cols) * cell_w, (i // cols) * (side + text_h)
         img = ex["image"].resize((side, side), Image.NEAREST)
         sheet.paste(img, (x + (cell_w - side) // 2, y))
-        lines = [ex.get("caption", "")]
+        lines = textwrap.wrap(ex.get("caption", ""), 42)[:2]
+        n_caption = len(lines)
         if ex.get("question"):
-            lines += [f"Q: {ex['question']}", f"A: {ex.get('answer', '')}"]
+            lines += [f"Q: {ex['question']}"[:44], f"A: {ex.get('answer', '')}"[:44]]
         for j, line in enumerate(lines):
-            draw.text((x + 4, y + side + 2 + 18 * j), line[:44], fill=(0, 0, 0))
+            draw.text((x + 4, y + side + 2 + 18 * j), line, fill=(0, 0, 0) if j < n_caption else (0, 0, 160))
     sheet.save(path)
 
 

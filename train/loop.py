@@ -121,10 +121,18 @@ def apply_freezing_and_lora(model, cfg: TrainConfig):
                 p.requires_grad_(False)
     if cfg.lora.enabled:
         from peft import LoraConfig, inject_adapter_in_model
+        from transformers.pytorch_utils import Conv1D
 
+        from train.config import LoraConfig as DefaultLora
+
+        targets = list(cfg.lora.target_modules)
+        if targets == DefaultLora().target_modules:  # not set: the decoder type's own attention projections
+            targets = list(model.config.lora_target_modules)
+        # GPT-2's Conv1D stores its weight as (in, out): peft must transpose it (fan_in_fan_out).
+        conv = any(isinstance(m, Conv1D) for n, m in model.decoder.named_modules() if n.rpartition(".")[2] in targets)
         lcfg = LoraConfig(
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-            target_modules=list(cfg.lora.target_modules), fan_in_fan_out=True,
+            target_modules=targets, fan_in_fan_out=conv,
         )
         for p in model.decoder.parameters():
             p.requires_grad_(False)

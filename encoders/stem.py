@@ -1,0 +1,46 @@
+"""A convolutional stem for ViT: stride-2 3x3 convolutions in place of the one big patchify conv.
+
+Early convolutions make ViTs optimise faster and more robustly (Xiao et al. 2021, "Early Convolutions
+Help Transformers See Better"); the token grid is unchanged, so nothing else in the model moves.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+
+class ConvStem(nn.Module):
+    """(B, 3, H, W) -> (B, hidden, H / patch, W / patch): log2(patch) - 1 conv3x3/s2 + GELU, then a 2x2/s2 conv."""
+
+    def __init__(self, hidden: int, patch: int, in_channels: int = 3, width: int = 32):
+        super().__init__()
+        n = int(math.log2(patch))
+        if 2**n != patch or n < 2:
+            raise ValueError(f"the conv stem needs a power-of-two patch size >= 4, got {patch}")
+        layers, ch = [], in_channels
+        for i in range(n - 1):
+            out = min(width * 2**i, hidden)
+            layers += [nn.Conv2d(ch, out, 3, stride=2, padding=1), nn.GELU()]
+            ch = out
+        layers.append(nn.Conv2d(ch, hidden, 2, stride=2))
+        self.layers = nn.Sequential(*layers)
+
+    @property
+    def weight(self):  # transformers' ViT reads projection.weight.dtype to cast its input
+        return self.layers[-1].weight
+
+    def forward(self, x):
+        return self.layers(x)  # (B, hidden, H / patch, W / patch)
+
+
+def use_conv_stem(model, backend: str) -> None:
+    """Swap the patchify conv of a Hugging Face ViT for a ConvStem (random weights)."""
+    if backend != "vit":
+        raise ValueError(f"stem='conv' is available for the vit backend, not {backend!r}")
+    pe = model.embeddings.patch_embeddings
+    stem = ConvStem(model.config.hidden_size, model.config.patch_size, model.config.num_channels)
+    for m in stem.modules():
+        m._is_hf_initialized = True  # keep PyTorch's fan-in init: ViT's std-0.02 init would shrink the signal 100x
+    pe.projection = stem

@@ -1,0 +1,77 @@
+"""Prefix fusion: the adapter output is prepended to the token embeddings of any causal LM.
+
+LLaVA-style (Liu et al. 2023, "Visual Instruction Tuning"): the image becomes K soft tokens in front of
+the text, `[image tokens][BOS prompt target EOS][pad]`, so the decoder needs no weights of its own for the
+image and any `AutoModelForCausalLM` (GPT-2, Llama, Qwen2, ...) can serve. The functions here are called
+from `MMGPTModel` when `config.fusion == "prefix"`; generation reuses `GenerationMixin` through
+`MMGPTModel.forward`, which puts the image tokens into the KV cache on the first step.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+def num_image_tokens(model) -> int:
+    """K: how many tokens the adapter puts in front of the text (resampler queries, else encoder tokens)."""
+    queries = getattr(model.adapter, "queries", None)
+    return int(queries.shape[0]) if queries is not None else int(model.vision.num_tokens)
+
+
+def decoder_logits(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    image_tokens: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
+    cache: Cache | None = None,
+    use_cache: bool = False,
+) -> tuple[torch.Tensor, Cache | None]:
+    """Logits at the text positions only, (B, T, V), and the cache.
+
+    input_ids, attention_mask: (B, T_new) text and (B, T_text) its mask over past + new text tokens (right
+    padding for training, left padding for generation). image_tokens: (B, K, D) adapter output, or None for
+    a text-only pass. With an empty cache the image tokens go in front of the text; once they are in the
+    cache (generation, later steps) only the new text goes in, and the mask still gets K ones in front.
+    position_ids: text positions (0 = first real token), shifted by K here; by default they come from the
+    full mask, so `[img][pad][prompt]` places the prompt exactly where `[img][prompt]` does.
+    """
+    decoder = model.decoder
+    b, t = input_ids.shape
+    x = decoder.get_input_embeddings()(input_ids)  # (B, T, D)
+    past = cache.get_seq_length() if cache is not None else 0
+    k = image_tokens.shape[1] if image_tokens is not None else 0
+    prepend = image_tokens is not None and past == 0
+    if attention_mask is None:
+        text_past = past - k if (image_tokens is not None and past > 0) else past
+        attention_mask = torch.ones(b, text_past + t, dtype=torch.long, device=x.device)  # (B, T_text)
+    mask = attention_mask.long()
+    if image_tokens is not None:
+        mask = torch.cat([mask.new_ones(b, k), mask], dim=1)  # (B, K + T_text)
+    if prepend:
+        x = torch.cat([image_tokens.to(x.dtype), x], dim=1)  # (B, K + T, D)
+    q = x.shape[1]
+    if position_ids is None:
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -q:]  # (B, q)
+    else:
+        position_ids = position_ids.expand(b, -1) + k  # (B, T): text positions after the K image positions
+        if prepend:
+            img_pos = torch.arange(k, device=x.device).expand(b, k)  # (B, K)
+            position_ids = torch.cat([img_pos, position_ids], dim=1)  # (B, K + T)
+    out = decoder(
+        inputs_embeds=x,
+        attention_mask=mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=use_cache,
+        logits_to_keep=t,  # the text positions: the last T of the sequence
+    )
+    return out.logits, (out.cache if use_cache else None)  # (B, T, V)
+
+
+def text_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Image-free pass of the decoder's base model (no LM head): (B, T, D), after its final norm."""
+    return model.decoder.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
