@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from mmgpt import MMGPTConfig, MMGPTModel, MMGPTProcessor, build_model
 from mmgpt.processor import train_bpe_tokenizer
 from train.config import TrainConfig
-from train.loop import apply_freezing_and_lora, merge_lora
+from train.parts import apply_freezing_and_lora, merge_lora
 
 VIT = dict(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
            intermediate_size=96, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)

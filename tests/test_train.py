@@ -33,8 +33,10 @@ def test_unknown_key_names_the_key_and_the_nearest_valid_one(tmp_path):
     with pytest.raises(ConfigError, match=r"'max_step'.*'max_steps'"):
         load_config(bad)
     assert main([str(bad)]) == 2
-    cfg = load_config(ROOT / "configs/train/shapes-tiny.yaml", ["optim.lr=0.5", "model.overrides.unimodal_layers=1"])
-    assert cfg.optim.lr == 0.5 and cfg.model.overrides["unimodal_layers"] == 1 and cfg.batch_size == 32
+    cfg = load_config(ROOT / "configs/train/shapes-tiny.yaml", ["optim.lr=5e-1", "model.overrides.unimodal_layers=1"])
+    assert cfg.optim.lr == 0.5 and isinstance(cfg.optim.lr, float)
+    with pytest.raises(ConfigError, match="optim.lr: expected a number"):
+        load_config(None, ["optim.lr=fast"]) and cfg.model.overrides["unimodal_layers"] == 1 and cfg.batch_size == 32
 
 
 def test_main_trains_a_few_steps_and_exports_a_loadable_model(tmp_path):

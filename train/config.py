@@ -125,11 +125,24 @@ def _build(cls, data: dict, where: str):
         if dataclasses.is_dataclass(sub):
             kwargs[key] = _build(sub, value or {}, path)
         else:
-            kwargs[key] = value
+            kwargs[key] = _coerce(value, sub, path)
     obj = cls(**kwargs)
     if isinstance(obj.__dict__.get("betas"), list):
         obj.betas = tuple(obj.betas)
     return obj
+
+
+def _coerce(value: Any, annotation, path: str) -> Any:
+    """YAML reads `4e-3` as a string (it wants `4.0e-3`); numbers are numbers wherever a field says so."""
+    args = set(getattr(annotation, "__args__", ())) or {annotation}
+    if isinstance(value, str) and (float in args or int in args):
+        try:
+            return int(value) if int in args and float not in args else float(value)
+        except ValueError:
+            raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+    if isinstance(value, int) and not isinstance(value, bool) and float in args and int not in args:
+        return float(value)
+    return value
 
 
 def _set(tree: dict, dotted: str, value: Any) -> None:
