@@ -89,12 +89,18 @@ def run_demo(out_dir: str | Path, overrides: list[str] | None = None, test_image
 
 
 def _one_question_each(examples: list[dict]) -> list[dict]:
-    """One dict per image: its generated caption plus its first answered question."""
+    """One dict per image: its generated caption plus one answered question (types vary across images)."""
     by_image: dict = {}
+    questions: dict = {}
     for ex in examples:
         slot = by_image.setdefault(ex["image_id"], {"image_id": ex["image_id"], "image": ex["image"]})
         if ex.get("task") == "caption":
             slot.update(caption=ex["caption"], references=ex.get("references") or [""])
-        elif ex.get("task") == "vqa" and "question" not in slot:
-            slot.update(question=ex["question"], answer=ex["answer"], answers=ex.get("answers"))
+        elif ex.get("task") == "vqa":
+            questions.setdefault(ex["image_id"], []).append(ex)
+    for i, (key, slot) in enumerate(by_image.items()):
+        qs = questions.get(key)
+        if qs:
+            q = qs[i % len(qs)]
+            slot.update(question=q["question"], answer=q["answer"], answers=q.get("answers"))
     return list(by_image.values())
