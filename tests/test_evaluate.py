@@ -21,12 +21,7 @@ from train.metrics import caption_metrics
 NO_METEOR = ("bleu", "rouge", "cider")  # METEOR starts a Java VM (seconds); train.metrics tests cover it
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 # --- a fake model whose outputs are fixed by hand ---------------------------------------------------

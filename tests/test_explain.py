@@ -27,12 +27,7 @@ from mmgpt.explain import (
 TEXTS = ["a large red circle", "a small blue square and a large green triangle", "question: what? answer: red"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")

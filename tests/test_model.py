@@ -36,6 +36,18 @@ def make_model(seed=0, **over) -> MMGPTModel:
     return model
 
 
+def left_padded_prompts():
+    """Three prompts of different lengths, left-padded with id 1: (prompts, ids (3, W), mask (3, W))."""
+    prompts = [[0, 5, 6, 7, 8], [0, 9], [0, 10, 11, 12]]
+    width = max(map(len, prompts))
+    ids = torch.full((3, width), 1)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return prompts, ids, mask
+
+
 def make_ved_with_same_weights(model: MMGPTModel) -> VisionEncoderDecoderModel:
     enc = ViTModel(ViTConfig(**VIT))
     dec = GPT2LMHeadModel(GPT2Config(**GPT, add_cross_attention=True, is_decoder=True))
@@ -70,13 +82,8 @@ def test_cached_and_uncached_generation_agree_and_batch_matches_one_by_one():
     model = make_model(seed=3)
     torch.manual_seed(2)
     pixels = torch.randn(3, 3, 32, 32)
-    prompts = [[0, 5, 6, 7, 8], [0, 9], [0, 10, 11, 12]]
-    width = max(map(len, prompts))
-    ids = torch.full((3, width), 1)
-    mask = torch.zeros(3, width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    prompts, ids, mask = left_padded_prompts()
+    width = ids.shape[1]
     kw = dict(max_new_tokens=8, do_sample=False, min_new_tokens=8)
     cached = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, use_cache=True, **kw)
     uncached = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, use_cache=False, **kw)
@@ -219,13 +226,7 @@ def test_fast_greedy_path_gives_the_tokens_of_generation_mixin():
         model = make_model(seed=7, unimodal_layers=k)
         torch.manual_seed(8)
         pixels = torch.randn(3, 3, 32, 32)
-        prompts = [[0, 5, 6, 7, 8], [0, 9], [0, 10, 11, 12]]
-        width = max(map(len, prompts))
-        ids = torch.full((3, width), 1)
-        mask = torch.zeros(3, width, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+        _, ids, mask = left_padded_prompts()
         assert model._can_use_fast_path({"max_new_tokens": 9})
         for kw in ({"max_new_tokens": 9}, {"max_new_tokens": 9, "min_new_tokens": 9}):
             fast = model.generate(pixel_values=pixels, input_ids=ids, attention_mask=mask, **kw)
