@@ -236,18 +236,36 @@ def data_path_rate(seconds: float = 6.0, workers: int = 2, batch: int = 64) -> f
     return n / (time.perf_counter() - t)
 
 
+def _status_mb(field: str) -> float:
+    """A VmRSS / VmHWM line of /proc/self/status, in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
 def rss_child(kind: str, steps: int = 4) -> None:
+    """Peak RSS of a fresh process training `kind` (small), and the part of it above the import floor.
+
+    Not ru_maxrss: Linux carries the parent's high-water mark across fork + exec into the child's
+    ru_maxrss, so every child reported the benchmark parent's peak (both models read 2354 MB). VmHWM
+    belongs to the child's own address space.
+    """
     torch.set_num_threads(2)
+    import transformers  # noqa: F401  (both peers import it; counted in the floor)
+
+    floor = _status_mb("VmRSS")  # interpreter + torch + transformers
     _, step, _ = train_step_fn(kind, SMALL)
     for _ in range(steps):
         step()
-    print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    peak = _status_mb("VmHWM")
+    print(json.dumps({"rss_mb": peak, "floor_mb": floor, "above_floor_mb": peak - floor}))
 
 
-def peak_rss(kind: str) -> float:
+def peak_rss(kind: str) -> dict:
     out = subprocess.run([sys.executable, "-m", "benchmarks.run", "--rss-child", kind], capture_output=True,
                          text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
-    return json.loads(out.stdout.strip().splitlines()[-1])["rss_mb"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -321,9 +339,13 @@ def main(argv=None) -> int:
     targets.append(target("feature_cache_small", cached, recomputed, cached / recomputed, 3.0, "samples/s"))
 
     rss = {k: peak_rss(k) for k in ("mmgpt", "ved")}
-    rows.append(("peak RSS train small", "mmgpt / ved", f"{rss['mmgpt']:.0f} / {rss['ved']:.0f} MB", ""))
-    targets.append(target("peak_rss_small", rss["mmgpt"], rss["ved"], rss["mmgpt"] / rss["ved"], 1.1, "MB",
-                          higher=False))
+    ours, peer = rss["mmgpt"]["rss_mb"], rss["ved"]["rss_mb"]
+    rows.append(("peak RSS train small (VmHWM)", "mmgpt / ved", f"{ours:.0f} / {peer:.0f} MB",
+                 f"above the {rss['ved']['floor_mb']:.0f} MB import floor: {rss['mmgpt']['above_floor_mb']:.0f} / "
+                 f"{rss['ved']['above_floor_mb']:.0f} MB"))
+    targets.append(target("peak_rss_small", ours, peer, ours / peer, 1.1, "MB", higher=False))
+    ours, peer = rss["mmgpt"]["above_floor_mb"], rss["ved"]["above_floor_mb"]
+    targets.append(target("peak_rss_small_above_import_floor", ours, peer, ours / peer, 1.1, "MB", higher=False))
 
     data = data_path_rate()
     consume = train_rates[("mmgpt", "tiny")][0]
