@@ -216,3 +216,23 @@ def test_throughput(capsys):
     with capsys.disabled():
         print(f"\nshapes generation: {rate:.0f} images/s (64 px, caption + 1 question each)")
     sample_scene(0)  # an int seed works too
+
+
+def test_single_object_curriculum():
+    """`single_object_first=N`: images 0..N-1 hold one object, later ones the usual 1-3; read in order."""
+    plain = ShapesDataset("train", 400)
+    cur = ShapesDataset("train", 400, single_object_first=150)
+    assert cur.ordered and not plain.ordered
+    assert all(len(cur.scene(i)[0].objects) == 1 for i in range(150))
+    later = [len(cur.scene(i)[0].objects) for i in range(150, 400)]
+    assert set(later) == {1, 2, 3}
+    assert [cur.scene(i)[0] for i in range(150, 160)] == [plain.scene(i)[0] for i in range(150, 160)]
+    assert any(len(plain.scene(i)[0].objects) > 1 for i in range(150))
+    one = cur.group(3)[0]
+    assert " and " not in one["target"] and "," not in one["target"]
+    src = build_source({"format": "shapes", "size": 20, "single_object_first": 5})
+    assert src.ordered and len(src.scene(4)[0].objects) == 1
+    with pytest.raises(ValueError, match="single_object_first"):
+        ShapesDataset("train", 5, single_object_first=-1)
+    with pytest.raises(ValueError, match="max_objects"):
+        sample_scene(1, max_objects=4)

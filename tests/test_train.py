@@ -55,6 +55,27 @@ def test_main_trains_a_few_steps_and_exports_a_loadable_model(tmp_path):
     assert model.config.vision["config"]["image_size"] == proc.image_size == 64
 
 
+def test_curriculum_data_is_read_in_order(tmp_path, monkeypatch):
+    """A shapes source with `single_object_first` is not shuffled: its one-object images come first."""
+    from train.data.shapes import ShapesDataset
+
+    seen, scene = [], ShapesDataset.scene
+
+    def spy(self, i):
+        if self.split == "train":
+            seen.append((i, len(scene(self, i)[0].objects)))
+        return scene(self, i)
+
+    monkeypatch.setattr(ShapesDataset, "scene", spy)
+    train = "data.train=[{format: shapes, size: 64, grouped: true, single_object_first: 8, task_mix: {caption: 1, vqa: 1}}]"
+    assert main([str(ROOT / "configs/train/shapes-tiny.yaml"), *SMALL, train, "max_steps=3", "model.tokenizer_texts=20",
+                 f"output_dir={tmp_path / 'run'}", "data.validation=null"]) == 0
+    start = max(k for k, (i, _) in enumerate(seen) if i == 0)  # training starts after the tokenizer's sample
+    read = seen[start:]  # 3 steps x 4 images, plus the loader's look-ahead
+    assert len(read) >= 12 and [i for i, _ in read] == list(range(len(read)))
+    assert [n for _, n in read[:8]] == [1] * 8 and max(n for _, n in seen) > 1
+
+
 def _train_cmd(out, extra=()):
     return [sys.executable, "-m", "train", str(ROOT / "configs/train/shapes-tiny.yaml"), *SMALL, "max_steps=10",
             "checkpoint_every=2", "keep_checkpoints=3", f"output_dir={out}", "data.validation=null",

@@ -110,8 +110,10 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
     collate = Collator(processor, train=True, augment=cfg.data.augment)
     g = torch.Generator()
     g.manual_seed(cfg.seed)
+    # A data set that sets `ordered` (a curriculum over independent random items) is read in order.
     dl = DataLoader(
-        train_set, batch_size=cfg.batch_size, shuffle=True, generator=g, collate_fn=collate,
+        train_set, batch_size=cfg.batch_size, shuffle=not getattr(train_set, "ordered", False), generator=g,
+        collate_fn=collate,
         num_workers=cfg.data.num_workers, drop_last=True, persistent_workers=cfg.data.num_workers > 0,
     )
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),

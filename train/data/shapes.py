@@ -118,8 +118,8 @@ def _place(rng: random.Random, sides: list[int], image_size: int, gap: int, min_
     return boxes
 
 
-def sample_scene(rng: random.Random | int, image_size: int = BASE_SIZE) -> ShapesScene:
-    """Sample a scene: background, then 1-3 objects with uniform shape, colour and size."""
+def sample_scene(rng: random.Random | int, image_size: int = BASE_SIZE, max_objects: int = MAX_OBJECTS) -> ShapesScene:
+    """Sample a scene: background, then 1-``max_objects`` objects with uniform shape, colour and size."""
     if not isinstance(rng, random.Random):
         rng = random.Random(rng)
     if image_size < 32:
@@ -127,7 +127,9 @@ def sample_scene(rng: random.Random | int, image_size: int = BASE_SIZE) -> Shape
     s = image_size / BASE_SIZE
     gap, min_dx = max(MIN_GAP, round(MIN_GAP * s)), max(MIN_DX, round(MIN_DX * s))
     background = (rng.randint(*BACKGROUND), rng.randint(*BACKGROUND), rng.randint(*BACKGROUND))
-    n = rng.randint(1, MAX_OBJECTS)
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"max_objects must be in [1, {MAX_OBJECTS}], got {max_objects}")
+    n = rng.randint(1, max_objects)
     while True:
         attrs = [(rng.choice(SHAPES), rng.choice(COLORS), rng.choice(("small", "large"))) for _ in range(n)]
         sides = [rng.randint(*size_range(size, image_size)) for _, _, size in attrs]
@@ -203,6 +205,11 @@ class ShapesDataset(Dataset):
     ``i % per_image`` of image ``i // per_image``; the same (seed, split, index) always gives
     the same pixels and text. With ``grouped=True`` index ``i`` is image ``i`` and returns the
     list of its records, all sharing one PIL image (encode it once).
+
+    ``single_object_first=N`` is a curriculum: images ``0 .. N-1`` hold one object each, and the
+    data set asks to be read in order (``ordered``; every index is already an independent random
+    scene, so nothing is lost by not shuffling). One-object scenes make captions in a batch differ
+    by shape alone, which is what teaches the encoder shape (see configs/train/shapes-tiny.yaml).
     """
 
     def __init__(
@@ -213,8 +220,13 @@ class ShapesDataset(Dataset):
         task_mix: dict[str, int] | None = None,
         seed: int = 0,
         grouped: bool = False,
+        single_object_first: int = 0,
     ):
         scene_seed(split, max(0, size - 1), seed)  # validates split, size and seed
+        if not isinstance(single_object_first, int) or single_object_first < 0:
+            raise ValueError(f"single_object_first must be an image count >= 0, got {single_object_first!r}")
+        self.single_object_first = single_object_first
+        self.ordered = single_object_first > 0  # read in order so the curriculum comes first
         task_mix = dict(task_mix) if task_mix is not None else {"caption": 1, "vqa": 1}
         unknown = set(task_mix) - {"caption", "vqa"}
         if unknown or any(not isinstance(v, int) or v < 0 for v in task_mix.values()):
@@ -256,7 +268,7 @@ class ShapesDataset(Dataset):
     def scene(self, i: int) -> tuple[ShapesScene, random.Random]:
         """Scene ``i`` and the generator that drew it (it goes on to pick the questions)."""
         rng = scene_rng(self.split, i, self.seed)
-        return sample_scene(rng, self.image_size), rng
+        return sample_scene(rng, self.image_size, 1 if i < self.single_object_first else MAX_OBJECTS), rng
 
     def _records(self, scene: ShapesScene, i: int, n_caption: int, qs: list[tuple[str, str, str]]):
         image, cap, iid = render(scene), caption(scene), self.image_id(i)
@@ -313,5 +325,6 @@ class ShapesDataset(Dataset):
     def __repr__(self) -> str:
         return (
             f"ShapesDataset(split={self.split!r}, size={self.size}, image_size={self.image_size}, "
-            f"task_mix={{'caption': {self.n_caption}, 'vqa': {self.n_vqa}}}, seed={self.seed})"
+            f"task_mix={{'caption': {self.n_caption}, 'vqa': {self.n_vqa}}}, seed={self.seed}"
+            + (f", single_object_first={self.single_object_first})" if self.single_object_first else ")")
         )

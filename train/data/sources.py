@@ -32,7 +32,7 @@ FORMAT_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # format ->
     "vqav2": (("questions", "annotations", "images"), ("split", "image_pattern") + _LIMIT),
     "hf": (("name",), ("split", "columns") + _LIMIT),
     "webdataset": (("urls",), ("shuffle_buffer", "seed", "rank", "world_size")),
-    "shapes": ((), ("split", "size", "image_size", "task_mix", "seed", "grouped")),
+    "shapes": ((), ("split", "size", "image_size", "task_mix", "seed", "grouped", "single_object_first")),
 }
 FORMAT_ALIASES = {"wds": "webdataset", "huggingface": "hf", "json": "jsonl"}
 
@@ -66,6 +66,7 @@ class SourceSpec:
     image_size: int = 64  # shapes
     task_mix: dict[str, int] = field(default_factory=lambda: {"caption": 1, "vqa": 1})  # shapes
     grouped: bool = False  # shapes: one item per image, a list of its records
+    single_object_first: int = 0  # shapes: curriculum, the first N images (read in order) hold one object
     limit: int | None = None  # map-style formats: keep the first `limit` records
 
     def __post_init__(self):
@@ -150,7 +151,8 @@ def build_source(spec: dict | SourceSpec | str) -> Dataset:
     from train.data.shapes import ShapesDataset
 
     return ShapesDataset(
-        spec.split or "train", spec.size, spec.image_size, spec.task_mix, spec.seed, spec.grouped
+        spec.split or "train", spec.size, spec.image_size, spec.task_mix, spec.seed, spec.grouped,
+        spec.single_object_first,
     )
 
 
