@@ -8,7 +8,7 @@ no option asks for more (beams, sampling, streamers, logits processors).
 Decoding a few rows is bound by memory bandwidth: every step streams all decoder weights and the LM
 head. The LM head's weight is the (V, D) token embedding; MKL's vector-matrix product reads it about
 twice as fast laid out (D, V), so each call makes that copy once (12 MB for the small preset, ~10 ms;
-made when at least 8 new tokens are asked for: it pays for itself within about that many). The MLP's 8-op tanh GELU runs as torch's one fused kernel.
+made when at least 8 new tokens are asked for: it pays for itself within about that many).
 Everything stays fp32.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers.activations import NewGELUActivation
 
 # Options this path honours; anything else goes to GenerationMixin.
 FAST_OPTIONS = {"max_new_tokens", "min_new_tokens", "do_sample", "num_beams", "use_cache", "eos_token_id",
@@ -33,13 +32,6 @@ def _layer_norm(ln):
     return lambda x: F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
-def _activation(act):
-    # GPT-2's gelu_new is the tanh approximation, written out in 8 ops; torch has it as one kernel.
-    if isinstance(act, NewGELUActivation):
-        return lambda x: F.gelu(x, approximate="tanh")
-    return act
-
-
 def _heads(x: torch.Tensor, b: int, n_head: int) -> torch.Tensor:
     # (B*t, D) -> (B, H, t, hd)
     return x.view(b, -1, n_head, x.shape[-1] // n_head).transpose(1, 2)
@@ -51,7 +43,7 @@ def _pack(model, copy_head: bool) -> tuple[list[dict], callable]:
     for i, blk in enumerate(model.decoder.transformer.h):
         a = blk.attn
         p = {"ln_1": _layer_norm(blk.ln_1), "qkv": _conv1d(a.c_attn), "proj": _conv1d(a.c_proj), "scale": a.scaling,
-             "ln_2": _layer_norm(blk.ln_2), "fc": _conv1d(blk.mlp.c_fc), "act": _activation(blk.mlp.act),
+             "ln_2": _layer_norm(blk.ln_2), "fc": _conv1d(blk.mlp.c_fc), "act": blk.mlp.act,
              "fc_proj": _conv1d(blk.mlp.c_proj), "cross": None}
         if i >= model.k:
             c = blk.crossattention

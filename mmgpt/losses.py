@@ -1,4 +1,5 @@
-"""Image-text contrastive loss, gathered across processes with gradients."""
+"""Losses: image-text contrastive (gathered across processes with gradients); the LM head fused with
+its cross-entropy."""
 
 from __future__ import annotations
 
@@ -72,3 +73,68 @@ def contrastive_loss(
         F.cross_entropy(logits, target, label_smoothing=label_smoothing)
         + F.cross_entropy(logits.t(), target, label_smoothing=label_smoothing)
     )
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(h_i @ W^T, y_i), with the gradients computed chunk by chunk in the forward pass.
+
+    The (N, V) logits never exist whole: each chunk of rows is projected, turned into its loss and its
+    logit gradient in place (softmax minus the smoothed one-hot), and multiplied back into dh and dW
+    while it is still in cache. Same matmuls as autograd, without the log-softmax output, the
+    zero-filled NLL gradient and the softmax backward over the whole (N, V) block.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, label_smoothing, chunk):
+        # hidden (N, D), weight (V, D), targets (N,)
+        n, v = hidden.shape[0], weight.shape[0]
+        loss = hidden.new_zeros(())
+        grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_w = torch.zeros_like(weight) if weight.requires_grad else None
+        eps = label_smoothing
+        for s in range(0, n, chunk):
+            h, y = hidden[s : s + chunk], targets[s : s + chunk]  # (c, D), (c,)
+            logits = h @ weight.t()  # (c, V)
+            lse = torch.logsumexp(logits, dim=1, keepdim=True)  # (c, 1)
+            target_logit = logits.gather(1, y[:, None])  # (c, 1)
+            nll = lse - target_logit
+            if eps:
+                nll = (1 - eps) * nll + eps * (lse - logits.mean(dim=1, keepdim=True))
+            loss += nll.sum()
+            g = logits.sub_(lse).exp_()  # softmax, in place (c, V)
+            g.scatter_add_(1, y[:, None], torch.full_like(target_logit, eps - 1))
+            if eps:
+                g.sub_(eps / v)
+            g.div_(n)
+            if grad_h is not None:
+                torch.mm(g, weight, out=grad_h[s : s + chunk])
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), h)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            grad_h * grad_out if grad_h is not None else None,
+            grad_w * grad_out if grad_w is not None else None,
+            None,
+            None,
+            None,
+        )
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of `hidden @ weight.T` against `targets`, the LM head fused in.
+
+    hidden (N, D) rows that have a target; weight (V, D), the (tied) LM head; targets (N,) class ids.
+    Equals F.cross_entropy(hidden @ weight.T, targets, label_smoothing=...) in value and gradients
+    (tested). fp32 without autocast only; other dtypes take the plain path.
+    """
+    if hidden.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_autocast_enabled(hidden.device.type):
+        return F.cross_entropy((hidden @ weight.t()).float(), targets, label_smoothing=label_smoothing)
+    chunk = max(1, (1 << 21) // weight.shape[0])  # rows whose (c, V) fp32 logits take ~8 MB
+    return _LinearCrossEntropy.apply(hidden, weight, targets, float(label_smoothing), chunk)

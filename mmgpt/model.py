@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, GPT2LMHeadModel, PreTrainedModel
+from transformers.activations import NewGELUActivation
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.utils import ModelOutput
 
@@ -20,7 +21,7 @@ from encoders import build_encoder
 from mmgpt import prefix
 from mmgpt.adapter import build_adapter
 from mmgpt.config import MMGPTConfig
-from mmgpt.losses import contrastive_loss
+from mmgpt.losses import contrastive_loss, linear_cross_entropy
 
 
 @dataclass
@@ -41,6 +42,14 @@ class MMGPTOutput(ModelOutput):
 class ImageFeatures:
     tokens: torch.Tensor  # (B, K, Dt) adapter output: the cross-attention memory, or the prefix tokens
     pooled: torch.Tensor  # (B, Dv) encoder's pooled vector
+
+
+def _fuse_tanh_gelu(decoder) -> None:
+    """GPT-2's `gelu_new` writes the tanh GELU out in 8 elementwise ops (and as many in backward); torch's
+    one kernel computes the same formula. Parameter-free, so weights and saved configs are untouched."""
+    for block in decoder.transformer.h:
+        if isinstance(block.mlp.act, NewGELUActivation):
+            block.mlp.act = nn.GELU(approximate="tanh")
 
 
 class MMGPTPreTrainedModel(PreTrainedModel):
@@ -93,6 +102,8 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             for name in ("crossattention", "ln_cross_attn"):
                 if hasattr(block, name):
                     delattr(block, name)
+        if not self.uses_prefix:
+            _fuse_tanh_gelu(decoder)
         dv, dt = self.vision.hidden_size, tcfg.hidden_size
         self.adapter = build_adapter(config.adapter, dv, dt)
         e = config.projection_dim
@@ -241,6 +252,7 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         cache: Cache | None = None,
         use_cache: bool | None = None,
         compute_itc: bool | None = None,
+        return_logits: bool | None = None,
         **kwargs,
     ) -> MMGPTOutput:
         """
@@ -255,6 +267,10 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         position_ids: (B, T) text positions (prefix fusion shifts them by K); default: from attention_mask.
         vision_outputs: precomputed `EncoderOutput` (patch_tokens, pooled) of a frozen encoder, used in
             place of pixel_values (the feature cache).
+        return_logits: default True, except in training mode with labels (cross-attention fusion): then
+            the LM head runs only at positions that have a target (prompt, padding and the last position
+            skip it), fused with the loss (`mmgpt.losses.linear_cross_entropy`), and `logits` is None;
+            pass True to get them anyway.
         """
         kwargs.pop("past_key_values", None) if cache is not None else None
         if cache is None and "past_key_values" in kwargs:
@@ -273,6 +289,9 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             memory = encoder_hidden_states
 
         tapped = None
+        lm_loss = itc_loss = image_embeds = text_embeds = None
+        if return_logits is None:
+            return_logits = not (self.training and labels is not None)
         if self.uses_prefix:
             logits, cache = prefix.decoder_logits(
                 self, input_ids, attention_mask, memory, position_ids, cache, bool(use_cache)
@@ -282,10 +301,20 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             hidden, tapped, cache = self.run_decoder(
                 input_ids, attention_mask, memory, position_ids, cache, bool(use_cache), tap_layer=tap
             )
-            logits = self.decoder.lm_head(hidden)  # (B, T, V)
+            logits = None
+            if return_logits or labels is None:
+                logits = self.decoder.lm_head(hidden)  # (B, T, V)
+            else:
+                # Only rows with a next-token target go through the LM head, fused with the loss.
+                keep = labels[:, 1:] != -100  # (B, T-1)
+                rows, targets = hidden[:, :-1][keep], labels[:, 1:][keep]  # (N, Dt), (N,)
+                head = self.decoder.lm_head
+                if type(head) is nn.Linear and head.bias is None:
+                    lm_loss = linear_cross_entropy(rows, head.weight, targets, cfg.label_smoothing)
+                else:  # e.g. a LoRA-wrapped head
+                    lm_loss = F.cross_entropy(head(rows).float(), targets, label_smoothing=cfg.label_smoothing)
 
-        lm_loss = itc_loss = image_embeds = text_embeds = None
-        if labels is not None:
+        if labels is not None and logits is not None:
             shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # (B*(T-1), V)
             shift_labels = labels[:, 1:].reshape(-1)  # (B*(T-1),)
             lm_loss = F.cross_entropy(
