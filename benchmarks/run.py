@@ -162,12 +162,33 @@ def train_step_fn(kind: str, s: Size, model=None):
 
 
 def flops_per_step(loss_fn) -> float:
+    """FLOPs of loss_fn().backward(), or of fn() when it returns no loss (a whole step)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     fc = FlopCounterMode(display=False)
     with fc:
-        loss_fn().backward()
+        loss = loss_fn()
+        if loss is not None:
+            loss.backward()
     return float(fc.get_total_flops())
+
+
+def read_bandwidth(mb: int = 256) -> float:
+    """GB/s of streaming a tensor far larger than the caches (a sum)."""
+    x = torch.ones(mb * 2**18)
+    return x.numel() * 4 / median_time(x.sum, 5) / 1e9
+
+
+def generation_bounds(s: Size, batch: int, new_tokens: int = 24) -> dict:
+    """What any decoder loop must pay on top of the encoder: encoder+adapter seconds at this batch, and the
+    bytes of decoder weights (blocks + LM head) that every step streams."""
+    model = build_mmgpt(s).eval()
+    px = torch.randn(batch, 3, s.image, s.image)
+    with torch.no_grad():
+        t_enc = median_time(lambda: model.encode_image(px), 3, warmup=1)
+    dec = model.decoder.transformer
+    step_bytes = 4 * (sum(p.numel() for p in dec.h.parameters()) + model.decoder.lm_head.weight.numel())
+    return {"encoder_s": t_enc, "step_bytes": step_bytes, "new_tokens": new_tokens}
 
 
 def gen_fn(kind: str, s: Size, batch: int, new_tokens: int = 24):
@@ -189,8 +210,11 @@ def gen_fn(kind: str, s: Size, batch: int, new_tokens: int = 24):
     raise ValueError(kind)
 
 
-def feature_cache_ratio(s: Size, iters: int) -> tuple[float, float]:
-    """Adapter + decoder training with the vision tower frozen: cached features vs recomputing them."""
+def feature_cache_ratio(s: Size, iters: int) -> tuple[float, float, float]:
+    """Adapter + decoder training with the vision tower frozen: cached features vs recomputing them.
+
+    Also returns the ratio of the two steps' FLOP counts: the speed-up if both ran at the same FLOP/s
+    (the encoder's forward is all that the cache removes)."""
     from encoders import EncoderOutput
 
     model = build_mmgpt(s)
@@ -213,7 +237,8 @@ def feature_cache_ratio(s: Size, iters: int) -> tuple[float, float]:
         opt.zero_grad(set_to_none=True)
 
     t_re, t_ca = median_time(recompute, iters), median_time(from_cache, iters)
-    return s.batch / t_ca, s.batch / t_re
+    flop_ratio = flops_per_step(recompute) / flops_per_step(from_cache)
+    return s.batch / t_ca, s.batch / t_re, flop_ratio
 
 
 def data_path_rate(seconds: float = 6.0, workers: int = 2, batch: int = 64) -> float:
@@ -315,7 +340,10 @@ def main(argv=None) -> int:
     mfu = train_rates[("mmgpt", "small")][1]
     targets.append(target("mfu_small", mfu, None, mfu, 0.8, "fraction of matmul peak"))
 
+    bandwidth = read_bandwidth()
+    print(f"read bandwidth: {bandwidth:.1f} GB/s", flush=True)
     for batch, goal in ((1, 3.0), (16, 2.0)):
+        bound = generation_bounds(SMALL, batch)
         rates = {}
         for kind in ["mmgpt", "ved"] + (["coca"] if have_coca else []):
             fn = gen_fn(kind, SMALL, batch)
@@ -329,13 +357,26 @@ def main(argv=None) -> int:
             print(rows[-1], flush=True)
         targets.append(target(f"generate_small_b{batch}_vs_ved", rates["mmgpt"], rates["ved"],
                               rates["mmgpt"] / rates["ved"], goal, "tokens/s"))
+        # Ceilings on the ratio: the encoder alone (decoding free), and the encoder plus streaming the
+        # decoder weights once per token at the measured read bandwidth (fp32, no cache reuse).
+        t_ved = batch * 24 / rates["ved"]
+        t_stream = bound["new_tokens"] * bound["step_bytes"] / (bandwidth * 1e9)
+        targets[-1]["bound"] = {
+            "encoder_s": round(bound["encoder_s"], 4), "decoder_weight_mb": round(bound["step_bytes"] / 2**20, 1),
+            "read_gb_s": round(bandwidth, 2), "ratio_if_decoding_free": round(t_ved / bound["encoder_s"], 3),
+            "ratio_if_bandwidth_bound": round(t_ved / (bound["encoder_s"] + t_stream), 3)}
+        ceiling = (f"ratio <= {t_ved / bound['encoder_s']:.2f} (decoding free), "
+                   f"<= {t_ved / (bound['encoder_s'] + t_stream):.2f} (weights streamed per token)")
+        rows.append((f"greedy small b{batch} ceiling", "mmgpt", f"encoder {1e3 * bound['encoder_s']:.0f} ms", ceiling))
         if "coca" in rates:
             targets.append(target(f"generate_small_b{batch}_vs_coca", rates["mmgpt"], rates["coca"],
                                   rates["mmgpt"] / rates["coca"], 1.0, "tokens/s"))
 
-    cached, recomputed = feature_cache_ratio(SMALL, args.iters)
-    rows.append(("frozen encoder small", "mmgpt", f"cached {cached:.1f} vs recomputed {recomputed:.1f} samples/s", ""))
+    cached, recomputed, flop_ratio = feature_cache_ratio(SMALL, args.iters)
+    rows.append(("frozen encoder small", "mmgpt", f"cached {cached:.1f} vs recomputed {recomputed:.1f} samples/s",
+                 f"FLOP ratio {flop_ratio:.2f}"))
     targets.append(target("feature_cache_small", cached, recomputed, cached / recomputed, 3.0, "samples/s"))
+    targets[-1]["bound"] = {"flop_ratio": round(flop_ratio, 3)}
 
     rss = {k: peak_rss(k) for k in ("mmgpt", "ved")}
     ours, peer = rss["mmgpt"]["rss_mb"], rss["ved"]["rss_mb"]
