@@ -116,9 +116,11 @@ GRAMMAR = {
 }
 
 
-@pytest.mark.parametrize("image_size", [64, 96])
-def test_captions_and_answers_match_pixels(image_size):
-    ds = ShapesDataset("validation", 500, image_size=image_size)
+@pytest.mark.parametrize(
+    ("image_size", "options"), [(64, {}), (96, {}), (64, {"shape_pairs": True, "single_object_first": 60})]
+)
+def test_captions_and_answers_match_pixels(image_size, options):
+    ds = ShapesDataset("validation", 500, image_size=image_size, **options)
     counts = {1: 0, 2: 0, 3: 0}
     scale = image_size / 64
     for i in range(ds.size):
@@ -236,3 +238,20 @@ def test_single_object_curriculum():
         ShapesDataset("train", 5, single_object_first=-1)
     with pytest.raises(ValueError, match="max_objects"):
         sample_scene(1, max_objects=4)
+
+
+def test_shape_pairs():
+    """`shape_pairs`: image 2k+1 is image 2k with exactly one object's shape changed; read in order."""
+    plain, pairs = ShapesDataset("train", 200), ShapesDataset("train", 200, shape_pairs=True)
+    assert pairs.ordered and not plain.ordered
+    for k in range(0, 200, 2):
+        a, b = pairs.scene(k)[0], pairs.scene(k + 1)[0]
+        assert a == plain.scene(k)[0]
+        assert a.background == b.background and len(a.objects) == len(b.objects)
+        diff = [(o, p) for o, p in zip(a.objects, b.objects) if o != p]
+        assert len(diff) == 1
+        o, p = diff[0]
+        assert o.shape != p.shape and (o.color, o.size, o.bbox, o.rgb) == (p.color, p.size, p.bbox, p.rgb)
+        assert caption(a) != caption(b)
+    assert pairs.scene(7)[0] == pairs.scene(7)[0], "deterministic"
+    assert build_source({"format": "shapes", "size": 4, "shape_pairs": True}).shape_pairs

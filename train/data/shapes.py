@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
@@ -210,6 +210,10 @@ class ShapesDataset(Dataset):
     data set asks to be read in order (``ordered``; every index is already an independent random
     scene, so nothing is lost by not shuffling). One-object scenes make captions in a batch differ
     by shape alone, which is what teaches the encoder shape (see configs/train/shapes-tiny.yaml).
+
+    ``shape_pairs=True`` makes every odd image its even predecessor with one object's shape changed
+    (same layout, colours and sizes; read in order, so both land in one batch): a contrastive
+    objective then has to tell the two captions apart by that shape.
     """
 
     def __init__(
@@ -221,12 +225,14 @@ class ShapesDataset(Dataset):
         seed: int = 0,
         grouped: bool = False,
         single_object_first: int = 0,
+        shape_pairs: bool = False,
     ):
         scene_seed(split, max(0, size - 1), seed)  # validates split, size and seed
         if not isinstance(single_object_first, int) or single_object_first < 0:
             raise ValueError(f"single_object_first must be an image count >= 0, got {single_object_first!r}")
-        self.single_object_first = single_object_first
-        self.ordered = single_object_first > 0  # read in order so the curriculum comes first
+        self.single_object_first, self.shape_pairs = single_object_first, bool(shape_pairs)
+        # read in order so the curriculum comes first and each pair lands in one batch
+        self.ordered = single_object_first > 0 or self.shape_pairs
         task_mix = dict(task_mix) if task_mix is not None else {"caption": 1, "vqa": 1}
         unknown = set(task_mix) - {"caption", "vqa"}
         if unknown or any(not isinstance(v, int) or v < 0 for v in task_mix.values()):
@@ -267,6 +273,16 @@ class ShapesDataset(Dataset):
 
     def scene(self, i: int) -> tuple[ShapesScene, random.Random]:
         """Scene ``i`` and the generator that drew it (it goes on to pick the questions)."""
+        if self.shape_pairs and i % 2:
+            base, _ = self._scene(i - 1)
+            rng = scene_rng(self.split, i, self.seed)
+            k = rng.randrange(len(base.objects))
+            old = base.objects[k]
+            new = replace(old, shape=rng.choice([s for s in SHAPES if s != old.shape]))
+            return replace(base, objects=base.objects[:k] + (new,) + base.objects[k + 1 :]), rng
+        return self._scene(i)
+
+    def _scene(self, i: int) -> tuple[ShapesScene, random.Random]:
         rng = scene_rng(self.split, i, self.seed)
         return sample_scene(rng, self.image_size, 1 if i < self.single_object_first else MAX_OBJECTS), rng
 
@@ -326,5 +342,6 @@ class ShapesDataset(Dataset):
         return (
             f"ShapesDataset(split={self.split!r}, size={self.size}, image_size={self.image_size}, "
             f"task_mix={{'caption': {self.n_caption}, 'vqa': {self.n_vqa}}}, seed={self.seed}"
-            + (f", single_object_first={self.single_object_first})" if self.single_object_first else ")")
+            + (f", single_object_first={self.single_object_first}" if self.single_object_first else "")
+            + (", shape_pairs=True)" if self.shape_pairs else ")")
         )

@@ -32,7 +32,8 @@ FORMAT_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # format ->
     "vqav2": (("questions", "annotations", "images"), ("split", "image_pattern") + _LIMIT),
     "hf": (("name",), ("split", "columns") + _LIMIT),
     "webdataset": (("urls",), ("shuffle_buffer", "seed", "rank", "world_size")),
-    "shapes": ((), ("split", "size", "image_size", "task_mix", "seed", "grouped", "single_object_first")),
+    "shapes": ((), ("split", "size", "image_size", "task_mix", "seed", "grouped", "single_object_first",
+                      "shape_pairs")),
 }
 FORMAT_ALIASES = {"wds": "webdataset", "huggingface": "hf", "json": "jsonl"}
 
@@ -67,6 +68,7 @@ class SourceSpec:
     task_mix: dict[str, int] = field(default_factory=lambda: {"caption": 1, "vqa": 1})  # shapes
     grouped: bool = False  # shapes: one item per image, a list of its records
     single_object_first: int = 0  # shapes: curriculum, the first N images (read in order) hold one object
+    shape_pairs: bool = False  # shapes: odd images = their predecessor with one object's shape changed
     limit: int | None = None  # map-style formats: keep the first `limit` records
 
     def __post_init__(self):
@@ -152,7 +154,7 @@ def build_source(spec: dict | SourceSpec | str) -> Dataset:
 
     return ShapesDataset(
         spec.split or "train", spec.size, spec.image_size, spec.task_mix, spec.seed, spec.grouped,
-        spec.single_object_first,
+        spec.single_object_first, spec.shape_pairs,
     )
 
 
