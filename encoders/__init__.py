@@ -41,13 +41,13 @@ def build_encoder(
         image_mean=tuple(image_mean) if image_mean is not None else None,
         image_std=tuple(image_std) if image_std is not None else None,
     )
-    if stem == "conv":
+    if stem in ("conv", "cnn"):
         from .stem import use_conv_stem
 
-        use_conv_stem(encoder.model, backend)
-        encoder.stem = "conv"
+        use_conv_stem(encoder.model, backend, stem)
+        encoder.stem = stem
     elif stem != "patch":
-        raise ValueError(f"unknown stem {stem!r}: use 'patch' or 'conv'")
+        raise ValueError(f"unknown stem {stem!r}: use 'patch', 'conv' or 'cnn'")
     if freeze:
         encoder.freeze()
     return encoder

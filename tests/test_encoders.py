@@ -273,16 +273,19 @@ def test_load_transform_encode(tmp_path):
     torch.testing.assert_close(out.pooled[0], out.pooled[1])
 
 
-def test_conv_stem_keeps_the_token_grid_and_round_trips(tmp_path):
+@pytest.mark.parametrize("stem", ["conv", "cnn"])
+def test_conv_stem_keeps_the_token_grid_and_round_trips(tmp_path, stem):
     from encoders.stem import ConvStem
 
-    enc = build_encoder("vit", {**TINY}, stem="conv")
+    enc = build_encoder("vit", {**TINY}, stem=stem)
     assert isinstance(enc.model.embeddings.patch_embeddings.projection, ConvStem)
     plain = build_encoder("vit", {**TINY})
     px = torch.randn(2, 3, TINY["image_size"], TINY["image_size"])
     assert enc(px).patch_tokens.shape == plain(px).patch_tokens.shape
     cfg = json.loads(json.dumps(enc.config_dict()))
-    assert cfg["stem"] == "conv"
+    assert cfg["stem"] == stem
+    convs = [m for m in enc.model.embeddings.patch_embeddings.projection.layers if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].stride == ((1, 1) if stem == "cnn" else (2, 2))
     again = build_encoder(**cfg)
     again.load_state_dict(enc.state_dict())
     assert torch.equal(again(px).patch_tokens, enc(px).patch_tokens)
