@@ -1,0 +1,21 @@
+"""The benchmark's interleaved timer: every rival timed in every round, order rotating, medians per rival."""
+
+import benchmarks.run as bench
+
+
+def test_interleaved_medians_rotates_and_takes_medians(monkeypatch):
+    clock, calls = [0.0], []
+    cost = {"a": [1.0, 5.0, 2.0, 3.0], "b": [10.0, 30.0, 20.0, 90.0]}  # per timed call
+
+    def make(name):
+        def fn():
+            calls.append(name)
+            if len(calls) > 2:  # after the warm-up round
+                clock[0] += cost[name][sum(c == name for c in calls[2:]) - 1]
+
+        return fn
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    t = bench.interleaved_medians({"a": make("a"), "b": make("b")}, iters=4, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+    assert t == {"a": 2.5, "b": 25.0}
