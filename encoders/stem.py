@@ -21,6 +21,8 @@ class ConvStem(nn.Module):
 
     def __init__(self, hidden: int, patch: int, in_channels: int = 3, width: int = 32, kind: str = "conv"):
         super().__init__()
+        if kind not in ("conv", "cnn"):
+            raise ValueError(f"unknown conv stem kind {kind!r}: use 'conv' or 'cnn'")
         n = int(math.log2(patch))
         if 2**n != patch or n < 2:
             raise ValueError(f"the conv stem needs a power-of-two patch size >= 4, got {patch}")
@@ -46,7 +48,7 @@ class ConvStem(nn.Module):
 def use_conv_stem(model, backend: str, kind: str = "conv") -> None:
     """Swap the patchify conv of a Hugging Face ViT for a ConvStem (random weights)."""
     if backend != "vit":
-        raise ValueError(f"stem='conv' is available for the vit backend, not {backend!r}")
+        raise ValueError(f"stem={kind!r} is available for the vit backend, not {backend!r}")
     pe = model.embeddings.patch_embeddings
     stem = ConvStem(model.config.hidden_size, model.config.patch_size, model.config.num_channels, kind=kind)
     for m in stem.modules():

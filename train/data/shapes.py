@@ -120,6 +120,8 @@ def _place(rng: random.Random, sides: list[int], image_size: int, gap: int, min_
 
 def sample_scene(rng: random.Random | int, image_size: int = BASE_SIZE, max_objects: int = MAX_OBJECTS) -> ShapesScene:
     """Sample a scene: background, then 1-``max_objects`` objects with uniform shape, colour and size."""
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"max_objects must be in [1, {MAX_OBJECTS}], got {max_objects}")
     if not isinstance(rng, random.Random):
         rng = random.Random(rng)
     if image_size < 32:
@@ -127,8 +129,6 @@ def sample_scene(rng: random.Random | int, image_size: int = BASE_SIZE, max_obje
     s = image_size / BASE_SIZE
     gap, min_dx = max(MIN_GAP, round(MIN_GAP * s)), max(MIN_DX, round(MIN_DX * s))
     background = (rng.randint(*BACKGROUND), rng.randint(*BACKGROUND), rng.randint(*BACKGROUND))
-    if not 1 <= max_objects <= MAX_OBJECTS:
-        raise ValueError(f"max_objects must be in [1, {MAX_OBJECTS}], got {max_objects}")
     n = rng.randint(1, max_objects)
     while True:
         attrs = [(rng.choice(SHAPES), rng.choice(COLORS), rng.choice(("small", "large"))) for _ in range(n)]
