@@ -21,12 +21,16 @@ def build_encoder(
     image_mean: Sequence[float] | None = None,
     image_std: Sequence[float] | None = None,
     stem: str = "patch",
+    stem_width: int = 32,
+    position_init: str = "learned",
 ) -> VisionEncoder:
     """Build a vision encoder.
 
     ``config``: keyword arguments of the backend's Hugging Face vision config (random weights),
     or overrides of the pretrained config when ``pretrained`` (hub id or local folder) is given.
     ``image_mean`` / ``image_std`` override what the checkpoint or the backend default says.
+    ``stem``: "patch" (the backbone's own), or a convolutional stem "conv" / "cnn" (encoders/stem.py)
+    whose first convolution has ``stem_width`` channels.
     ``build_encoder(**enc.config_dict())`` rebuilds the same architecture with random weights.
     """
     if backend not in ENCODER_BACKENDS:
@@ -44,10 +48,19 @@ def build_encoder(
     if stem in ("conv", "cnn"):
         from .stem import use_conv_stem
 
-        use_conv_stem(encoder.model, backend, stem)
-        encoder.stem = stem
+        use_conv_stem(encoder.model, backend, stem, width=stem_width)
+        encoder.stem, encoder.stem_width = stem, stem_width
     elif stem != "patch":
         raise ValueError(f"unknown stem {stem!r}: use 'patch', 'conv' or 'cnn'")
+    if position_init == "sincos":
+        if pretrained is not None:
+            raise ValueError("position_init='sincos' is for an encoder trained from scratch, not a pretrained one")
+        from .stem import use_sincos_positions
+
+        use_sincos_positions(encoder.model, backend)
+        encoder.position_init = position_init
+    elif position_init != "learned":
+        raise ValueError(f"unknown position_init {position_init!r}: use 'learned' or 'sincos'")
     if freeze:
         encoder.freeze()
     return encoder

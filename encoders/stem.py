@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 
@@ -45,12 +46,52 @@ class ConvStem(nn.Module):
         return self.layers(x)  # (B, hidden, H / patch, W / patch)
 
 
-def use_conv_stem(model, backend: str, kind: str = "conv") -> None:
+def use_conv_stem(model, backend: str, kind: str = "conv", width: int = 32) -> None:
     """Swap the patchify conv of a Hugging Face ViT for a ConvStem (random weights)."""
     if backend != "vit":
         raise ValueError(f"stem={kind!r} is available for the vit backend, not {backend!r}")
     pe = model.embeddings.patch_embeddings
-    stem = ConvStem(model.config.hidden_size, model.config.patch_size, model.config.num_channels, kind=kind)
+    if width < 1:
+        raise ValueError(f"stem_width must be a positive channel count, got {width}")
+    stem = ConvStem(model.config.hidden_size, model.config.patch_size, model.config.num_channels, width=width,
+                    kind=kind)
     for m in stem.modules():
         m._is_hf_initialized = True  # keep PyTorch's fan-in init: ViT's std-0.02 init would shrink the signal 100x
     pe.projection = stem
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid*grid, dim) fixed 2-D sine-cosine position codes (MAE, He et al. 2021): the first half of
+    the channels encode the column (x), the second half the row (y), each at dim/4 frequencies."""
+    import torch
+
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos positions need a width divisible by 4, got {dim}")
+    q = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / q)  # (q,)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+
+    def enc(v):  # (grid*grid,) -> (grid*grid, 2q)
+        a = v.reshape(-1, 1) * omega
+        return torch.cat([a.sin(), a.cos()], dim=1)
+    return torch.cat([enc(xs), enc(ys)], dim=1).float()  # (grid*grid, dim)
+
+
+def use_sincos_positions(model, backend: str, scale: float = 0.02) -> None:
+    """Initialise a Hugging Face ViT's learned position embeddings with 2-D sin-cos codes (still
+    trained): at init every token knows its column and row as smooth codes instead of random vectors.
+    ``scale`` sets their standard deviation (HF's random init is 0.02)."""
+    if backend != "vit":
+        raise ValueError(f"position_init='sincos' is available for the vit backend, not {backend!r}")
+    emb = model.embeddings
+    n_tokens, dim = emb.position_embeddings.shape[1:]
+    grid = round((n_tokens - 1) ** 0.5)
+    if grid * grid != n_tokens - 1:
+        raise ValueError(f"position_init='sincos' needs a square token grid, got {n_tokens - 1} patches")
+    codes = sincos_2d(grid, dim)
+    codes = codes * (scale / codes.std())
+    with torch.no_grad():
+        emb.position_embeddings[0, 0].zero_()  # CLS
+        emb.position_embeddings[0, 1:].copy_(codes)
+    emb._is_hf_initialized = True

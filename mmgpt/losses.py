@@ -47,6 +47,8 @@ def contrastive_loss(
     logit_scale: torch.Tensor,
     groups: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
+    negatives: torch.Tensor | None = None,
+    negative_owner: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP, Radford et al. 2021) over the global batch.
 
@@ -56,23 +58,50 @@ def contrastive_loss(
     and the target spreads evenly over them. Every process computes the same global loss; with
     gradients flowing through the gather and DDP averaging, parameters get exactly the gradient of
     one process holding the whole batch.
+    negatives: optional (n, E) L2-normalised hard-negative texts (a caption with one detail changed,
+    NegCLIP-style), negative_owner: (n,) the local row (0..b-1) each one contradicts. They join the
+    image-to-text softmax of their own image only, as extra wrong answers.
     """
-    img, _ = gather_with_grad(image_embeds)  # (B, E)
+    img, offset = gather_with_grad(image_embeds)  # (B, E)
     txt, _ = gather_with_grad(text_embeds)  # (B, E)
     logits = logit_scale * img @ txt.t()  # (B, B) image -> text
     if groups is None:
         labels = torch.arange(logits.shape[0], device=logits.device)
-        return 0.5 * (
-            F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-            + F.cross_entropy(logits.t(), labels, label_smoothing=label_smoothing)
-        )
-    g, _ = gather_with_grad(groups.unsqueeze(1), grad=False)  # (B, 1)
-    same = (g == g.t()).float()  # (B, B), symmetric
-    target = same / same.sum(dim=1, keepdim=True)
-    return 0.5 * (
-        F.cross_entropy(logits, target, label_smoothing=label_smoothing)
-        + F.cross_entropy(logits.t(), target, label_smoothing=label_smoothing)
-    )
+        target = None
+    else:
+        g, _ = gather_with_grad(groups.unsqueeze(1), grad=False)  # (B, 1)
+        same = (g == g.t()).float()  # (B, B), symmetric
+        target = same / same.sum(dim=1, keepdim=True)
+    t2i = F.cross_entropy(logits.t(), labels if target is None else target, label_smoothing=label_smoothing)
+    if negatives is None or negative_owner is None:
+        i2t = F.cross_entropy(logits, labels if target is None else target, label_smoothing=label_smoothing)
+        return 0.5 * (i2t + t2i)
+    neg, _ = gather_with_grad(negatives)  # (N, E)
+    owner, _ = gather_with_grad((negative_owner.long() + offset).unsqueeze(1), grad=False)
+    owner = owner.squeeze(1)  # (N,) global image rows
+    n_img = logits.shape[0]
+    if target is None:
+        target = torch.eye(n_img, dtype=logits.dtype, device=logits.device)
+    # Slot of each negative among its owner's: rank within a stable sort by owner.
+    order = torch.argsort(owner, stable=True)
+    counts = torch.bincount(owner, minlength=n_img)  # (B,)
+    first = torch.cumsum(counts, 0) - counts  # (B,) start of each owner's run in `order`
+    slot = torch.empty_like(owner)
+    slot[order] = torch.arange(owner.shape[0], device=owner.device) - first[owner[order]]
+    k = int(counts.max().item()) if owner.numel() else 0
+    extra = logits.new_zeros(n_img, k)  # (B, K)
+    extra = extra.index_put((owner, slot), logit_scale * (img[owner] * neg).sum(-1))
+    valid = torch.zeros(n_img, k, dtype=torch.bool, device=logits.device)
+    valid[owner, slot] = True
+    full = torch.cat([logits, extra], dim=1)  # (B, B + K)
+    full_valid = torch.cat([torch.ones_like(logits, dtype=torch.bool), valid], dim=1)
+    full_target = torch.cat([target, target.new_zeros(n_img, k)], dim=1)
+    if label_smoothing:
+        n_valid = full_valid.sum(1, keepdim=True)
+        full_target = (1 - label_smoothing) * full_target + label_smoothing * full_valid / n_valid
+    logp = torch.log_softmax(full.float().masked_fill(~full_valid, float("-inf")), dim=1)
+    i2t = -(full_target * logp.masked_fill(~full_valid, 0.0)).sum(1).mean()
+    return 0.5 * (i2t + t2i)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -82,7 +82,8 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             attn = "sdpa"
         self.vision = vision or build_encoder(
             config.vision["backend"], config=config.vision.get("config") or {}, attn_implementation=attn,
-            stem=config.vision.get("stem", "patch"),
+            stem=config.vision.get("stem", "patch"), stem_width=config.vision.get("stem_width", 32),
+            position_init=config.vision.get("position_init", "learned"),
         )
         self.uses_prefix = config.fusion == "prefix"
         if decoder is None:
@@ -246,6 +247,9 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         image_index: torch.Tensor | None = None,
         itc_mask: torch.Tensor | None = None,
         itc_groups: torch.Tensor | None = None,
+        itc_negative_ids: torch.Tensor | None = None,
+        itc_negative_mask: torch.Tensor | None = None,
+        itc_negative_owner: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         vision_outputs=None,
         position_ids: torch.Tensor | None = None,
@@ -262,6 +266,10 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         labels: (B, T) next-token targets aligned with input_ids (-100 = ignore); shifted here.
         itc_mask: (B,) bool, rows whose text is a caption of its image (ITC pairs); default: all rows
             when ITC is on. itc_groups: (B,) ids; equal ids mark identical captions (all positives).
+        itc_negative_ids, itc_negative_mask: (N, Tn) hard-negative texts (a caption with one detail
+            changed), tokenized like captions; itc_negative_owner: (N,) which ITC pair each contradicts
+            (0 = the first row of itc_mask). They are extra wrong answers in that image's
+            image-to-text softmax (`mmgpt.losses.contrastive_loss`).
         encoder_hidden_states: (B, K, Dt) precomputed adapter output (generation passes it); with prefix
             fusion these are the image tokens put in front of the text (logits stay (B, T, V), text only).
         position_ids: (B, T) text positions (prefix fusion shifts them by K); default: from attention_mask.
@@ -336,7 +344,12 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
                 text_hidden = self._image_free_hidden(input_ids[rows], am)  # (b, T, Dt), image-free pass
             text_embeds = self._text_embedding(text_hidden, am)  # (b, E)
             groups = itc_groups[rows] if itc_groups is not None else None
-            itc_loss = contrastive_loss(image_embeds, text_embeds, logit_scale, groups)
+            neg_embeds = None
+            if itc_negative_ids is not None and itc_negative_ids.shape[0] > 0:
+                neg_hidden = self._image_free_hidden(itc_negative_ids, itc_negative_mask)  # (N, Tn, Dt)
+                neg_embeds = self._text_embedding(neg_hidden, itc_negative_mask)  # (N, E)
+            itc_loss = contrastive_loss(image_embeds, text_embeds, logit_scale, groups,
+                                        negatives=neg_embeds, negative_owner=itc_negative_owner)
 
         loss = None
         if lm_loss is not None:

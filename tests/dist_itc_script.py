@@ -16,7 +16,13 @@ batch = torch.load(batch_file)
 n = batch["input_ids"].shape[0]
 per = n // acc.num_processes
 sl = slice(acc.process_index * per, (acc.process_index + 1) * per)
-local = {k: v[sl] for k, v in batch.items()}
+local = {k: v[sl] for k, v in batch.items() if not k.startswith("itc_negative")}
+if "itc_negative_owner" in batch:  # hard negatives follow their caption row, owners re-based to the slice
+    owner = batch["itc_negative_owner"]
+    mine = (owner >= sl.start) & (owner < sl.stop)
+    local["itc_negative_ids"] = batch["itc_negative_ids"][mine]
+    local["itc_negative_mask"] = batch["itc_negative_mask"][mine]
+    local["itc_negative_owner"] = owner[mine] - sl.start
 model = acc.prepare(model)
 out = model(**local)
 acc.backward(out.loss)

@@ -3,6 +3,7 @@ folders, freezing, config round trips and the image transforms."""
 
 import ast
 import json
+import math
 import os
 from pathlib import Path
 
@@ -277,17 +278,38 @@ def test_load_transform_encode(tmp_path):
 def test_conv_stem_keeps_the_token_grid_and_round_trips(tmp_path, stem):
     from encoders.stem import ConvStem
 
-    enc = build_encoder("vit", {**TINY}, stem=stem)
+    enc = build_encoder("vit", {**TINY}, stem=stem, stem_width=8)
     assert isinstance(enc.model.embeddings.patch_embeddings.projection, ConvStem)
     plain = build_encoder("vit", {**TINY})
     px = torch.randn(2, 3, TINY["image_size"], TINY["image_size"])
     assert enc(px).patch_tokens.shape == plain(px).patch_tokens.shape
     cfg = json.loads(json.dumps(enc.config_dict()))
-    assert cfg["stem"] == stem
+    assert cfg["stem"] == stem and cfg["stem_width"] == 8
     convs = [m for m in enc.model.embeddings.patch_embeddings.projection.layers if isinstance(m, torch.nn.Conv2d)]
     assert convs[0].stride == ((1, 1) if stem == "cnn" else (2, 2))
+    assert convs[0].out_channels == 8
     again = build_encoder(**cfg)
     again.load_state_dict(enc.state_dict())
     assert torch.equal(again(px).patch_tokens, enc(px).patch_tokens)
     with pytest.raises(ValueError, match="stem"):
         build_encoder("clip", {**TINY}, stem="conv")
+
+
+def test_sincos_position_init_codes_column_and_row():
+    enc = build_encoder("vit", {**TINY}, position_init="sincos")
+    pos = enc.model.embeddings.position_embeddings[0].detach()  # (1 + g*g, D)
+    g, d = round((pos.shape[0] - 1) ** 0.5), pos.shape[1]
+    assert torch.equal(pos[0], torch.zeros(d)), "CLS gets no position"
+    grid = pos[1:].view(g, g, d)  # (row, col, D)
+    assert abs(grid.std().item() - 0.02) < 1e-3
+    x_half, y_half = grid[..., : d // 2], grid[..., d // 2 :]
+    assert torch.allclose(x_half[0], x_half[-1]) and not torch.allclose(x_half[:, 0], x_half[:, -1])  # x: column
+    assert torch.allclose(y_half[:, 0], y_half[:, -1]) and not torch.allclose(y_half[0], y_half[-1])  # y: row
+    # first frequency: sin(column) scaled, the hand-computed value for column 1
+    from encoders.stem import sincos_2d
+
+    scale = 0.02 / sincos_2d(g, d).std()
+    assert abs(grid[0, 1, 0].item() - math.sin(1.0) * scale.item()) < 1e-6
+    assert enc.model.embeddings.position_embeddings.requires_grad, "still trained"
+    with pytest.raises(ValueError, match="position_init"):
+        build_encoder("vit", {**TINY}, position_init="rope")

@@ -123,6 +123,33 @@ def test_itc_loss_equals_hand_computed_value():
     assert abs(got - (i2t + t2i) / 2) < 1e-5
 
 
+def test_itc_hard_negatives_join_only_their_own_images_softmax():
+    torch.manual_seed(1)
+    img = F.normalize(torch.randn(3, 8), dim=-1)
+    txt = F.normalize(torch.randn(3, 8), dim=-1)
+    neg = F.normalize(torch.randn(4, 8), dim=-1)
+    owner = torch.tensor([2, 0, 2, 2])  # image 0 has one negative, image 1 none, image 2 three
+    scale = torch.tensor(7.0)
+    lg = [[7.0 * float(img[i] @ txt[j]) for j in range(3)] for i in range(3)]
+    extra = {i: [7.0 * float(img[i] @ neg[n]) for n in range(4) if int(owner[n]) == i] for i in range(3)}
+
+    def ce(row, target):
+        return -(row[target] - math.log(sum(math.exp(v) for v in row)))
+
+    i2t = sum(ce(lg[i] + extra[i], i) for i in range(3)) / 3  # negatives widen image i's row only
+    t2i = sum(ce([lg[j][i] for j in range(3)], i) for i in range(3)) / 3  # text -> image: unchanged
+    got = contrastive_loss(img, txt, scale, negatives=neg, negative_owner=owner)
+    assert abs(got.item() - (i2t + t2i) / 2) < 1e-5
+    # with groups (soft targets) and without negatives the new path agrees with the old one
+    groups = torch.tensor([5, 6, 5])
+    empty = torch.zeros(0, 8)
+    same = contrastive_loss(img, txt, scale, groups, negatives=empty, negative_owner=torch.zeros(0, dtype=torch.long))
+    assert torch.allclose(same, contrastive_loss(img, txt, scale, groups), atol=1e-6)
+    # a negative equal to the true caption makes that image's row strictly harder
+    harder = contrastive_loss(img, txt, scale, negatives=txt[1:2].clone(), negative_owner=torch.tensor([1]))
+    assert harder > contrastive_loss(img, txt, scale)
+
+
 def test_unimodal_split_reads_text_embedding_from_k_image_free_layers():
     k = 2
     model = make_model(seed=4, unimodal_layers=k)

@@ -255,3 +255,54 @@ def test_shape_pairs():
         assert caption(a) != caption(b)
     assert pairs.scene(7)[0] == pairs.scene(7)[0], "deterministic"
     assert build_source({"format": "shapes", "size": 4, "shape_pairs": True}).shape_pairs
+
+
+def test_hard_negatives():
+    """`hard_negatives=K`: each caption record carries K distinct false captions, each one edit away from
+    the truth (one object's shape / colour / size changed, two objects' places swapped, or two objects'
+    shapes or colours swapped); scenes and questions are unchanged."""
+    plain = ShapesDataset("train", 80, task_mix={"caption": 1, "vqa": 2}, grouped=True)
+    hard = ShapesDataset("train", 80, task_mix={"caption": 1, "vqa": 2}, grouped=True, hard_negatives=3)
+
+    def objects(text):
+        found = re.findall(r"a (small|large) (\w+) (circle|square|triangle)", text)
+        phrases = ["a " + " ".join(f) for f in found]
+        assert text == (phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1])
+        return found
+
+    def edit(t, n):
+        if len(t) != len(n) or t == n:
+            return None
+        diff = [i for i in range(len(t)) if t[i] != n[i]]
+        if len(diff) == 1 and sum(a != b for a, b in zip(t[diff[0]], n[diff[0]])) == 1:
+            return "change"
+        if len(diff) == 2:
+            i, j = diff
+            if (n[i], n[j]) == (t[j], t[i]):
+                return "order"
+            changed = {a for a in range(3) if t[i][a] != n[i][a]} | {a for a in range(3) if t[j][a] != n[j][a]}
+            if len(changed) == 1:
+                (a,) = changed
+                if (n[i][a], n[j][a]) == (t[j][a], t[i][a]):
+                    return "bind"
+        return None
+
+    kinds = set()
+    for i in range(80):
+        a, b = plain[i], hard[i]
+        assert [(r["task"], r["target"], r.get("prompt")) for r in a] == [(r["task"], r["target"], r.get("prompt"))
+                                                                            for r in b]
+        assert "negatives" not in a[0] and all("negatives" not in r for r in b[1:])
+        negs = b[0]["negatives"]
+        assert len(negs) == 3 and len(set(negs)) == 3 and b[0]["target"] not in negs
+        for neg in negs:
+            kind = edit(objects(b[0]["target"]), objects(neg))
+            assert kind is not None, (b[0]["target"], neg)
+            kinds.add(kind)
+    assert kinds == {"change", "order", "bind"}
+    again = ShapesDataset("train", 80, task_mix={"caption": 1, "vqa": 2}, grouped=True, hard_negatives=3)
+    assert hard[5][0]["negatives"] == again[5][0]["negatives"], "deterministic"
+    src = build_source({"format": "shapes", "size": 4, "hard_negatives": 2})
+    assert src.hard_negatives == 2 and len(src[0]["negatives"]) == 2
+    with pytest.raises(ValueError, match="hard_negatives"):
+        ShapesDataset("train", 5, hard_negatives=-1)

@@ -108,7 +108,8 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path):
     assert steps[-1] == 10
 
 
-def test_two_processes_give_the_itc_loss_and_gradients_of_one(tmp_path):
+@pytest.mark.parametrize("hard_negatives", [False, True])
+def test_two_processes_give_the_itc_loss_and_gradients_of_one(tmp_path, hard_negatives):
     if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("accelerate launcher not installed")
     from mmgpt import build_model
@@ -127,6 +128,11 @@ def test_two_processes_give_the_itc_loss_and_gradients_of_one(tmp_path):
     caps = ["a red circle", "a blue square", "a green triangle", "a red one", "a blue circle", "a green square"]
     batch = proc.batch_examples(["caption"] * 6, [""] * 6, caps)
     batch["pixel_values"] = torch.randn(6, 3, 32, 32)
+    if hard_negatives:  # uneven: rank 0's rows own 3 negatives, rank 1's own 1
+        negs = ["a blue circle", "a red square", "a green circle", "a red circle"]
+        neg = proc.batch_examples(["caption"] * 4, [""] * 4, negs)
+        batch.update(itc_negative_ids=neg["input_ids"], itc_negative_mask=neg["attention_mask"],
+                     itc_negative_owner=torch.tensor([0, 1, 1, 4]))
     torch.save(batch, tmp_path / "batch.pt")
 
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -34,6 +34,7 @@ class Collator:
         groups, bad = _group(items)
         p = self.processor
         pixels, image_index, tasks, prompts, targets, itc, image_ids = [], [], [], [], [], [], []
+        negatives, neg_prompts, neg_owner = [], [], []  # hard-negative captions, per ITC row
         for g in groups:
             pixels.append(g[0]["image"])
             image_ids.append(g[0].get("image_id"))
@@ -42,6 +43,11 @@ class Collator:
                 tasks.append(r["task"])
                 prompts.append(r.get("prompt", ""))
                 targets.append(r["target"])
+                if r["task"] == "caption":
+                    for neg in r.get("negatives") or ():
+                        negatives.append(neg)
+                        neg_prompts.append(r.get("prompt", ""))
+                        neg_owner.append(sum(itc))  # index among this batch's ITC rows
                 itc.append(r["task"] == "caption")
         batch = {"bad": bad, "num_images": len(pixels), "num_rows": len(tasks), "image_ids": image_ids}
         if not pixels:
@@ -56,7 +62,15 @@ class Collator:
             itc_groups=torch.tensor(groups_ids),  # (B,)
             **text,  # input_ids, attention_mask, labels: (B, T)
         )
+        if negatives:
+            neg = p.batch_examples(["caption"] * len(negatives), neg_prompts, negatives)
+            batch.update(
+                itc_negative_ids=neg["input_ids"],  # (N, Tn)
+                itc_negative_mask=neg["attention_mask"],  # (N, Tn)
+                itc_negative_owner=torch.tensor(neg_owner),  # (N,)
+            )
         return batch
 
 
-MODEL_KEYS = ("pixel_values", "image_index", "itc_mask", "itc_groups", "input_ids", "attention_mask", "labels")
+MODEL_KEYS = ("pixel_values", "image_index", "itc_mask", "itc_groups", "input_ids", "attention_mask", "labels",
+              "itc_negative_ids", "itc_negative_mask", "itc_negative_owner")  # the last three when present

@@ -78,6 +78,11 @@ def build_model_for(cfg: TrainConfig, train_set):
     return build_model(mc, texts=texts, attn_implementation=cfg.model.attn_implementation)
 
 
+def _logit_scale(model) -> float | None:
+    scale = getattr(model, "logit_scale", None)
+    return float(scale.detach().exp()) if scale is not None else None
+
+
 def _log(path: Path, record: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -161,6 +166,7 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
     seen_rows = seen_items = 0
     last_log_t, last_log_rows = t0, 0
     consecutive_nonfinite = 0
+    grad_norm = None
     best = None
     summary: dict = {}
     stop = False
@@ -177,7 +183,7 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
             seen_items += batch["num_images"] + len(batch["bad"])
             if "pixel_values" not in batch:
                 continue
-            inputs = {k: batch[k] for k in MODEL_KEYS}
+            inputs = {k: batch[k] for k in MODEL_KEYS if k in batch}
             if cache is not None:
                 cached = cache.vision_outputs(unwrapped, inputs["pixel_values"], batch["image_ids"])
                 if cached is not None:
@@ -202,7 +208,7 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
                 consecutive_nonfinite = 0
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.optim.grad_clip:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()
@@ -223,6 +229,9 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
                     "lm_loss": outputs.lm_loss.item() if outputs.lm_loss is not None else None,
                     "itc_loss": outputs.itc_loss.item() if outputs.itc_loss is not None else None,
                     "lr": scheduler.get_last_lr()[0],
+                    # before clipping; a spike here is what precedes a contrastive collapse
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "logit_scale": _logit_scale(unwrapped),
                     "rows_per_s": (seen_rows - last_log_rows) * accelerator.num_processes / max(1e-9, now - last_log_t),
                     "elapsed_s": now - t0,
                 }

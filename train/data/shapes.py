@@ -170,6 +170,37 @@ def caption(scene: ShapesScene) -> str:
     return ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
+def hard_negatives(scene: ShapesScene, rng: random.Random, k: int) -> list[str]:
+    """Up to ``k`` distinct false captions of ``scene``, each one edit away from the truth (NegCLIP-style
+    hard negatives): one object's shape, colour or size changed; with 2+ objects also two objects'
+    places swapped (wrong left-to-right order) or two objects' shapes / colours swapped (wrong binding)."""
+    out: list[str] = []
+    true = caption(scene)
+    objs = scene.objects
+    kinds = ("change", "change", "change") + (("order", "bind") if len(objs) > 1 else ())
+    options = {"shape": SHAPES, "color": COLORS, "size": tuple(SIZES)}
+    for _ in range(20 * k):
+        if len(out) >= k:
+            break
+        kind = rng.choice(kinds)
+        new = list(objs)
+        if kind == "change":
+            j, attr = rng.randrange(len(objs)), rng.choice(tuple(options))
+            new[j] = replace(objs[j], **{attr: rng.choice([v for v in options[attr] if v != getattr(objs[j], attr)])})
+        else:
+            i, j = rng.sample(range(len(objs)), 2)
+            if kind == "order":
+                new[i], new[j] = objs[j], objs[i]
+            else:
+                attr = rng.choice(("shape", "color"))
+                new[i] = replace(objs[i], **{attr: getattr(objs[j], attr)})
+                new[j] = replace(objs[j], **{attr: getattr(objs[i], attr)})
+        neg = caption(replace(scene, objects=tuple(new)))
+        if neg != true and neg not in out:
+            out.append(neg)
+    return out
+
+
 def questions(scene: ShapesScene) -> list[tuple[str, str, str]]:
     """Every question whose answer is unique, as ``(qtype, question, answer)``.
 
@@ -226,11 +257,15 @@ class ShapesDataset(Dataset):
         grouped: bool = False,
         single_object_first: int = 0,
         shape_pairs: bool = False,
+        hard_negatives: int = 0,
     ):
         scene_seed(split, max(0, size - 1), seed)  # validates split, size and seed
         if not isinstance(single_object_first, int) or single_object_first < 0:
             raise ValueError(f"single_object_first must be an image count >= 0, got {single_object_first!r}")
+        if not isinstance(hard_negatives, int) or hard_negatives < 0:
+            raise ValueError(f"hard_negatives must be a count >= 0, got {hard_negatives!r}")
         self.single_object_first, self.shape_pairs = single_object_first, bool(shape_pairs)
+        self.hard_negatives = hard_negatives
         # read in order so the curriculum comes first and each pair lands in one batch
         self.ordered = single_object_first > 0 or self.shape_pairs
         task_mix = dict(task_mix) if task_mix is not None else {"caption": 1, "vqa": 1}
@@ -288,6 +323,11 @@ class ShapesDataset(Dataset):
 
     def _records(self, scene: ShapesScene, i: int, n_caption: int, qs: list[tuple[str, str, str]]):
         image, cap, iid = render(scene), caption(scene), self.image_id(i)
+        negs = {}
+        if self.hard_negatives and n_caption:
+            # own generator: the scene and question draws stay what they are without negatives
+            negs = {"negatives": hard_negatives(scene, random.Random(scene_seed(self.split, i, self.seed) ^ 0x5EED),
+                                                self.hard_negatives)}
         recs = [
             {
                 "image": image,
@@ -296,6 +336,7 @@ class ShapesDataset(Dataset):
                 "target": cap,
                 "references": [cap],
                 "image_id": iid,
+                **negs,
             }
             for _ in range(n_caption)
         ]
@@ -343,5 +384,6 @@ class ShapesDataset(Dataset):
             f"ShapesDataset(split={self.split!r}, size={self.size}, image_size={self.image_size}, "
             f"task_mix={{'caption': {self.n_caption}, 'vqa': {self.n_vqa}}}, seed={self.seed}"
             + (f", single_object_first={self.single_object_first}" if self.single_object_first else "")
+            + (f", hard_negatives={self.hard_negatives}" if self.hard_negatives else "")
             + (", shape_pairs=True)" if self.shape_pairs else ")")
         )

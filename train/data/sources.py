@@ -33,7 +33,7 @@ FORMAT_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # format ->
     "hf": (("name",), ("split", "columns") + _LIMIT),
     "webdataset": (("urls",), ("shuffle_buffer", "seed", "rank", "world_size")),
     "shapes": ((), ("split", "size", "image_size", "task_mix", "seed", "grouped", "single_object_first",
-                      "shape_pairs")),
+                      "shape_pairs", "hard_negatives")),
 }
 FORMAT_ALIASES = {"wds": "webdataset", "huggingface": "hf", "json": "jsonl"}
 
@@ -69,6 +69,7 @@ class SourceSpec:
     grouped: bool = False  # shapes: one item per image, a list of its records
     single_object_first: int = 0  # shapes: curriculum, the first N images (read in order) hold one object
     shape_pairs: bool = False  # shapes: odd images = their predecessor with one object's shape changed
+    hard_negatives: int = 0  # shapes: false captions (one shape / colour / size changed) per caption, for ITC
     limit: int | None = None  # map-style formats: keep the first `limit` records
 
     def __post_init__(self):
@@ -154,7 +155,7 @@ def build_source(spec: dict | SourceSpec | str) -> Dataset:
 
     return ShapesDataset(
         spec.split or "train", spec.size, spec.image_size, spec.task_mix, spec.seed, spec.grouped,
-        spec.single_object_first, spec.shape_pairs,
+        spec.single_object_first, spec.shape_pairs, spec.hard_negatives,
     )
 
 
