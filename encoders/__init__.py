@@ -22,7 +22,9 @@ def build_encoder(
     image_std: Sequence[float] | None = None,
     stem: str = "patch",
     stem_width: int = 32,
+    stem_extra: int = 0,
     position_init: str = "learned",
+    position_scale: float = 0.02,
 ) -> VisionEncoder:
     """Build a vision encoder.
 
@@ -30,7 +32,8 @@ def build_encoder(
     or overrides of the pretrained config when ``pretrained`` (hub id or local folder) is given.
     ``image_mean`` / ``image_std`` override what the checkpoint or the backend default says.
     ``stem``: "patch" (the backbone's own), or a convolutional stem "conv" / "cnn" (encoders/stem.py)
-    whose first convolution has ``stem_width`` channels.
+    whose first convolution has ``stem_width`` channels, plus ``stem_extra`` conv3x3 on the token grid. ``position_init="sincos"`` starts the learned
+    position embeddings from 2-D sin-cos codes of standard deviation ``position_scale`` (from scratch only).
     ``build_encoder(**enc.config_dict())`` rebuilds the same architecture with random weights.
     """
     if backend not in ENCODER_BACKENDS:
@@ -48,8 +51,8 @@ def build_encoder(
     if stem in ("conv", "cnn"):
         from .stem import use_conv_stem
 
-        use_conv_stem(encoder.model, backend, stem, width=stem_width)
-        encoder.stem, encoder.stem_width = stem, stem_width
+        use_conv_stem(encoder.model, backend, stem, width=stem_width, extra=stem_extra)
+        encoder.stem, encoder.stem_width, encoder.stem_extra = stem, stem_width, stem_extra
     elif stem != "patch":
         raise ValueError(f"unknown stem {stem!r}: use 'patch', 'conv' or 'cnn'")
     if position_init == "sincos":
@@ -57,7 +60,7 @@ def build_encoder(
             raise ValueError("position_init='sincos' is for an encoder trained from scratch, not a pretrained one")
         from .stem import use_sincos_positions
 
-        use_sincos_positions(encoder.model, backend)
+        use_sincos_positions(encoder.model, backend, position_scale)
         encoder.position_init = position_init
     elif position_init != "learned":
         raise ValueError(f"unknown position_init {position_init!r}: use 'learned' or 'sincos'")

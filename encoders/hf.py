@@ -132,7 +132,8 @@ class HFVisionEncoder(VisionEncoder):
         return {
             "backend": self.backend,
             "stem": getattr(self, "stem", "patch"),
-            **({"stem_width": self.stem_width} if getattr(self, "stem", "patch") != "patch" else {}),
+            **({"stem_width": self.stem_width, "stem_extra": getattr(self, "stem_extra", 0)}
+               if getattr(self, "stem", "patch") != "patch" else {}),
             "config": architecture_kwargs(self.model.config),
             "image_mean": list(self.image_mean),
             "image_std": list(self.image_std),

@@ -18,9 +18,12 @@ class ConvStem(nn.Module):
     ``kind="conv"``: log2(patch) - 1 conv3x3/s2 + GELU, then a 2x2/s2 conv.
     ``kind="cnn"``: a full-resolution conv3x3 first, then log2(patch) conv3x3/s2 (overlapping
     receptive fields, ~3x the FLOPs of "conv" at 64 px / patch 8).
+    ``extra``: that many more GELU + conv3x3 (stride 1) on the token grid, each widening every token's
+    receptive field by two tokens (for "cnn" at patch 8: 17 px, then 33 px with one extra).
     """
 
-    def __init__(self, hidden: int, patch: int, in_channels: int = 3, width: int = 32, kind: str = "conv"):
+    def __init__(self, hidden: int, patch: int, in_channels: int = 3, width: int = 32, kind: str = "conv",
+                 extra: int = 0):
         super().__init__()
         if kind not in ("conv", "cnn"):
             raise ValueError(f"unknown conv stem kind {kind!r}: use 'conv' or 'cnn'")
@@ -36,6 +39,8 @@ class ConvStem(nn.Module):
             layers += [nn.Conv2d(ch, out, 3, stride=2, padding=1), nn.GELU()]
             ch = out
         layers.append(nn.Conv2d(ch, hidden, 3, stride=2, padding=1) if kind == "cnn" else nn.Conv2d(ch, hidden, 2, stride=2))
+        for _ in range(extra):
+            layers += [nn.GELU(), nn.Conv2d(hidden, hidden, 3, padding=1)]
         self.layers = nn.Sequential(*layers)
 
     @property
@@ -46,7 +51,7 @@ class ConvStem(nn.Module):
         return self.layers(x)  # (B, hidden, H / patch, W / patch)
 
 
-def use_conv_stem(model, backend: str, kind: str = "conv", width: int = 32) -> None:
+def use_conv_stem(model, backend: str, kind: str = "conv", width: int = 32, extra: int = 0) -> None:
     """Swap the patchify conv of a Hugging Face ViT for a ConvStem (random weights)."""
     if backend != "vit":
         raise ValueError(f"stem={kind!r} is available for the vit backend, not {backend!r}")
@@ -54,7 +59,7 @@ def use_conv_stem(model, backend: str, kind: str = "conv", width: int = 32) -> N
     if width < 1:
         raise ValueError(f"stem_width must be a positive channel count, got {width}")
     stem = ConvStem(model.config.hidden_size, model.config.patch_size, model.config.num_channels, width=width,
-                    kind=kind)
+                    kind=kind, extra=extra)
     for m in stem.modules():
         m._is_hf_initialized = True  # keep PyTorch's fan-in init: ViT's std-0.02 init would shrink the signal 100x
     pe.projection = stem

@@ -83,7 +83,9 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         self.vision = vision or build_encoder(
             config.vision["backend"], config=config.vision.get("config") or {}, attn_implementation=attn,
             stem=config.vision.get("stem", "patch"), stem_width=config.vision.get("stem_width", 32),
+            stem_extra=config.vision.get("stem_extra", 0),
             position_init=config.vision.get("position_init", "learned"),
+            position_scale=config.vision.get("position_scale", 0.02),
         )
         self.uses_prefix = config.fusion == "prefix"
         if decoder is None:

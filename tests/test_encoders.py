@@ -278,16 +278,19 @@ def test_load_transform_encode(tmp_path):
 def test_conv_stem_keeps_the_token_grid_and_round_trips(tmp_path, stem):
     from encoders.stem import ConvStem
 
-    enc = build_encoder("vit", {**TINY}, stem=stem, stem_width=8)
+    extra = 1 if stem == "cnn" else 0
+    enc = build_encoder("vit", {**TINY}, stem=stem, stem_width=8, stem_extra=extra)
     assert isinstance(enc.model.embeddings.patch_embeddings.projection, ConvStem)
     plain = build_encoder("vit", {**TINY})
     px = torch.randn(2, 3, TINY["image_size"], TINY["image_size"])
     assert enc(px).patch_tokens.shape == plain(px).patch_tokens.shape
     cfg = json.loads(json.dumps(enc.config_dict()))
-    assert cfg["stem"] == stem and cfg["stem_width"] == 8
+    assert cfg["stem"] == stem and cfg["stem_width"] == 8 and cfg["stem_extra"] == extra
     convs = [m for m in enc.model.embeddings.patch_embeddings.projection.layers if isinstance(m, torch.nn.Conv2d)]
     assert convs[0].stride == ((1, 1) if stem == "cnn" else (2, 2))
     assert convs[0].out_channels == 8
+    assert len(convs) == (3 if stem == "conv" else 4 + extra)  # TINY: patch 8
+    assert convs[-1].stride == ((1, 1) if extra else (2, 2))
     again = build_encoder(**cfg)
     again.load_state_dict(enc.state_dict())
     assert torch.equal(again(px).patch_tokens, enc(px).patch_tokens)
