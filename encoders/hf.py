@@ -26,6 +26,7 @@ from transformers import (
 )
 from transformers.utils import cached_file
 
+from . import fastvit
 from .base import EncoderOutput, VisionEncoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -127,6 +128,16 @@ class HFVisionEncoder(VisionEncoder):
         else:
             pooled = tokens.mean(dim=1)  # (B, D): SigLIP built with vision_use_head=False
         return EncoderOutput(patch_tokens=tokens, pooled=pooled)
+
+    def infer(self, pixel_values: Tensor) -> EncoderOutput:
+        """``forward`` for inference: eval mode without gradients takes the fused ViT forward
+        (:mod:`encoders.fastvit`, same features to float32 rounding) where it applies."""
+        if self.training or torch.is_grad_enabled() or self.backend != "vit" or not fastvit.supports(self.model):
+            return self(pixel_values)
+        if getattr(self, "_fast", None) is None:
+            self._fast = fastvit.FastViT(self.model)
+        tokens = self._fast(pixel_values)  # (B, N, D)
+        return EncoderOutput(patch_tokens=tokens, pooled=tokens[:, 0])
 
     def config_dict(self) -> dict:
         return {

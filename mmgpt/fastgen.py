@@ -1,31 +1,40 @@
 """Greedy decoding without framework overhead: a preallocated KV cache, cross-attention keys and values
-computed once per image, logits for the last position only.
+computed once per image, logits for the last position only, and a lean one-token step.
 
-It reads the same GPT-2 modules as the model's forward and gives the same tokens as
+It reads the same GPT-2 weights as the model's forward and gives the same tokens as
 `GenerationMixin.generate` with greedy search (tested); `MMGPTModel.generate` takes this path when
 no option asks for more (beams, sampling, streamers, logits processors).
 
-Decoding a few rows is bound by memory bandwidth: every step streams all decoder weights and the LM
-head. The LM head's weight is the (V, D) token embedding; MKL's vector-matrix product reads it about
-twice as fast laid out (D, V), so each call makes that copy once (12 MB for the small preset, ~10 ms;
-made when at least 8 new tokens are asked for: it pays for itself within about that many).
+Decoding a few rows is bound by memory bandwidth and by per-op overhead: every step streams all
+decoder weights and the LM head, through about twenty small ops per layer. So:
+- The weights are laid out once per weights version and kept on the model (`_DecoderPlan`; rebuilt
+  when any decoder parameter changes): the LM head as a (D, V) copy of the (V, D) token embedding,
+  which MKL's vector-matrix product streams about twice as fast.
+- With one row on a CPU with 2+ threads, MKL's vector-matrix product runs on one core. Each linear
+  is then stored as two halves of its output columns, (2, in, out/2), and run as one `baddbmm`
+  whose two matrices go to two threads; a wide-input linear (the MLP's c_proj) keeps its halves
+  as (2, out/2, in) rows, which streams faster there.
+- The one-token step works on (B, D) rows in place: one copy writes k and v into the cache, the
+  padding mask is built once per call, position embeddings are gathered once per call.
+- On a shared machine whose other core is busy, each of a step's ~40 parallel regions waits for
+  that core's time slice (a 2-thread step then took 30x longer than a 1-thread one here). A call
+  therefore decodes on one thread when `encoders.threads.cores_free` says the other cores are
+  busy, and moves to one thread mid-call when a step suddenly takes 3x the call's fastest.
 Everything stays fp32.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
+
+from encoders.threads import cores_free, one_thread
 
 # Options this path honours; anything else goes to GenerationMixin.
 FAST_OPTIONS = {"max_new_tokens", "min_new_tokens", "do_sample", "num_beams", "use_cache", "eos_token_id",
                 "pad_token_id", "bos_token_id"}
-
-
-def _conv1d(conv):
-    # transformers' Conv1D: y = x @ W + b with W (in, out); x here is 2-D (B*t, in)
-    w, bias = conv.weight, conv.bias
-    return lambda x: torch.addmm(bias, x, w)
 
 
 def _layer_norm(ln):
@@ -37,25 +46,94 @@ def _heads(x: torch.Tensor, b: int, n_head: int) -> torch.Tensor:
     return x.view(b, -1, n_head, x.shape[-1] // n_head).transpose(1, 2)
 
 
-def _pack(model, copy_head: bool) -> tuple[list[dict], callable]:
-    """Per block: its norms, linears and activation as plain functions on 2-D rows; and the LM head."""
-    blocks = []
-    for i, blk in enumerate(model.decoder.transformer.h):
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None):
+    """y = x @ W + b for 2-D rows x; W (in, out) as transformers' Conv1D stores it. A wide-input W
+    (the MLP's c_proj) is read from an (out, in) copy, which MKL streams ~1.5x faster for few rows."""
+    if weight.shape[0] > weight.shape[1]:
+        weight = weight.detach().t().contiguous().t()  # (in, out) view of an (out, in) copy
+    if bias is None:
+        return lambda x: torch.mm(x, weight)
+    return lambda x: torch.addmm(bias, x, weight)
+
+
+def _split_linear(weight: torch.Tensor, bias: torch.Tensor | None):
+    """The same product for ONE row, as two half-width products that run on two threads.
+
+    weight (in, out) -> (2, in, out/2), or (2, out/2, in) read transposed when in > out; an odd
+    `out` gets one zero column, sliced off the result."""
+    n_in, n_out = weight.shape
+    half = (n_out + 1) // 2
+    w = weight.detach()
+    b = torch.zeros(n_out, dtype=w.dtype, device=w.device) if bias is None else bias.detach()
+    if 2 * half != n_out:
+        w = F.pad(w, (0, 1))  # (in, out + 1)
+        b = F.pad(b, (0, 1))
+    if n_in > n_out:
+        w2 = w.t().contiguous().view(2, half, n_in).transpose(1, 2)  # (2, in, out/2), rows of W^T
+    else:
+        w2 = w.view(n_in, 2, half).permute(1, 0, 2).contiguous()  # (2, in, out/2)
+    b2 = b.view(2, 1, half)  # (2, 1, out/2)
+
+    def run(x):  # x (1, in) -> (1, out)
+        return torch.baddbmm(b2, x.expand(2, 1, n_in), w2).view(1, 2 * half)[:, :n_out]
+
+    return run
+
+
+class _DecoderPlan:
+    """Per block: norms, linears and activation as plain functions on 2-D rows (`blocks`), the same
+    with one-row linears (`one_row`: split in halves, or `blocks` itself); and the LM head, which
+    only ever sees one row per sequence."""
+
+    def __init__(self, model, split: bool):
+        cfg = model.decoder.config
+        self.n_head, self.d = cfg.n_head, cfg.n_embd
+        self.blocks = [self._block(model, i, blk, _linear) for i, blk in enumerate(model.decoder.transformer.h)]
+        self.one_row = self.blocks
+        if split:
+            self.one_row = [self._block(model, i, blk, _split_linear)
+                            for i, blk in enumerate(model.decoder.transformer.h)]
+        # lm_head.weight (V, D) is tied to wte; a (D, V) copy streams ~2x faster per step (module doc).
+        head = model.decoder.lm_head
+        w_head = head.weight.detach().t().contiguous()  # (D, V)
+        self.lm_head = _linear(w_head, head.bias)
+        self.lm_head_one_row = _split_linear(w_head, head.bias) if split else self.lm_head
+
+    @staticmethod
+    def _block(model, i: int, blk, lin) -> dict:
         a = blk.attn
-        p = {"ln_1": _layer_norm(blk.ln_1), "qkv": _conv1d(a.c_attn), "proj": _conv1d(a.c_proj), "scale": a.scaling,
-             "ln_2": _layer_norm(blk.ln_2), "fc": _conv1d(blk.mlp.c_fc), "act": blk.mlp.act,
-             "fc_proj": _conv1d(blk.mlp.c_proj), "cross": None}
+        p = {"ln_1": _layer_norm(blk.ln_1), "qkv": lin(a.c_attn.weight, a.c_attn.bias),
+             "proj": lin(a.c_proj.weight, a.c_proj.bias), "scale": a.scaling, "ln_2": _layer_norm(blk.ln_2),
+             "fc": lin(blk.mlp.c_fc.weight, blk.mlp.c_fc.bias), "act": blk.mlp.act,
+             "fc_proj": lin(blk.mlp.c_proj.weight, blk.mlp.c_proj.bias), "cross": None}
         if i >= model.k:
             c = blk.crossattention
-            p["cross"] = {"ln": _layer_norm(blk.ln_cross_attn), "kv": _conv1d(c.c_attn), "q": _conv1d(c.q_attn),
-                          "proj": _conv1d(c.c_proj), "scale": c.scaling}
-        blocks.append(p)
-    # lm_head.weight (V, D) is tied to wte; a (D, V) copy streams ~2x faster per step (module doc).
-    head = model.decoder.lm_head
-    w = head.weight.t().contiguous() if copy_head else head.weight.t()  # (D, V)
-    if head.bias is None:
-        return blocks, lambda x: torch.mm(x, w)
-    return blocks, lambda x: torch.addmm(head.bias, x, w)
+            p["cross"] = {"ln": _layer_norm(blk.ln_cross_attn), "q": lin(c.q_attn.weight, c.q_attn.bias),
+                          "proj": lin(c.c_proj.weight, c.c_proj.bias), "scale": c.scaling,
+                          "kv": _linear(c.c_attn.weight, c.c_attn.bias)}  # once per call, over B*K rows
+        return p
+
+
+class _Plans:
+    """The plans made for one version of the decoder's weights, kept on the model; a copied or
+    pickled model starts without them."""
+
+    def __init__(self):
+        self.key, self.by_split = None, {}
+
+    def __getstate__(self) -> dict:
+        return {"key": None, "by_split": {}}
+
+
+def _plan(model, split: bool) -> _DecoderPlan:
+    """The model's cached plan, rebuilt when a decoder parameter was changed or replaced."""
+    key = tuple((p.data_ptr(), p._version) for p in model.decoder.parameters())
+    plans = model.__dict__.setdefault("_fastgen_plans", _Plans())
+    if plans.key != key:
+        plans.key, plans.by_split = key, {}
+    if split not in plans.by_split:
+        plans.by_split[split] = _DecoderPlan(model, split)
+    return plans.by_split[split]
 
 
 @torch.no_grad()
@@ -68,74 +146,127 @@ def greedy_generate(
     eos_token_id: int | None,
     pad_token_id: int,
     min_new_tokens: int = 0,
+    threads: str | None = None,
 ) -> torch.Tensor:
-    """memory (B, K, Dt); input_ids, attention_mask (B, P) left-padded -> (B, P + new) like generate()."""
+    """memory (B, K, Dt); input_ids, attention_mask (B, P) left-padded -> (B, P + new) like generate().
+
+    `threads` (CPU with 2+ torch threads): "parallel": on all threads, one-row linears split in
+    halves (module doc); "serial": on one thread; None: "parallel" while the other cores take work
+    at once (`encoders.threads.cores_free`), else "serial"; and a one-token step that takes 3x
+    the call's fastest moves the rest of the call to one thread."""
+    b, dev = input_ids.shape[0], input_ids.device
+    n_threads = torch.get_num_threads()
+    if dev.type != "cpu" or n_threads < 2:
+        threads = "parallel"
+    auto = threads is None
+    if auto:
+        threads = "parallel" if cores_free() else "serial"
+    split = b == 1 and dev.type == "cpu" and n_threads >= 2 and threads != "serial"
+    with one_thread(threads == "serial"):
+        return _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
+                       min_new_tokens, split, watch=auto and threads != "serial")
+
+
+def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
+            min_new_tokens, split: bool, watch: bool) -> torch.Tensor:
     tr = model.decoder.transformer
-    blocks, lm_head = _pack(model, copy_head=max_new_tokens >= 8)
-    cfg = model.decoder.config
-    n_head, d = cfg.n_head, cfg.n_embd
-    hd = d // n_head
     b, p = input_ids.shape
+    dev = input_ids.device
+    plan = _plan(model, split)
+    n_head, d = plan.n_head, plan.d
+    blocks = plan.blocks
+    hd = d // n_head
     total = p + max_new_tokens
-    dtype, dev = tr.wte.weight.dtype, input_ids.device
-    k_cache = torch.zeros(len(blocks), b, n_head, total, hd, dtype=dtype, device=dev)  # (L, B, H, T, hd)
-    v_cache = torch.zeros_like(k_cache)
+    dtype = tr.wte.weight.dtype
+    kv_cache = torch.zeros(len(blocks), b, 2, n_head, total, hd, dtype=dtype, device=dev)  # (L, B, 2, H, T, hd)
+    k_all, v_all = kv_cache[:, :, 0], kv_cache[:, :, 1]  # (L, B, H, T, hd) each
     # Cross-attention keys and values, once per call.
     mem2d = memory.reshape(-1, d)  # (B*K, D)
-    for blk in blocks:
+    cross_kv = {}
+    for i, blk in enumerate(plan.blocks):
         if blk["cross"] is not None:
             km, vm = blk["cross"]["kv"](mem2d).split(d, dim=1)  # (B*K, D) each
-            blk["cross"]["k"], blk["cross"]["v"] = _heads(km, b, n_head), _heads(vm, b, n_head)  # (B, H, K, hd)
-    mask = torch.zeros(b, total, dtype=torch.long, device=dev)
-    mask[:, :p] = attention_mask
+            cross_kv[i] = (_heads(km, b, n_head), _heads(vm, b, n_head))  # (B, H, K, hd)
+    mask = torch.ones(b, total, dtype=torch.long, device=dev)
+    mask[:, :p] = attention_mask  # generated positions are always attended to, as in generate()
     padded = not bool(attention_mask.all())
-    pos_all = (torch.cat([attention_mask, torch.ones(b, max_new_tokens, dtype=torch.long, device=dev)], 1)
-               .cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    pos_all = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     neg = torch.finfo(dtype).min
-    wte, wpe, ln_f = tr.wte.weight, tr.wpe.weight, _layer_norm(tr.ln_f)
+    wte, ln_f = tr.wte.weight, _layer_norm(tr.ln_f)
+    pos_emb = tr.wpe.weight[pos_all]  # (B, T, D)
+    pad_bias = None  # additive key mask for one-token steps: (B, 1, 1, T)
+    if padded:
+        pad_bias = torch.zeros(b, 1, 1, total, dtype=dtype, device=dev).masked_fill_(mask[:, None, None] == 0, neg)
 
-    def step(ids: torch.Tensor, start: int) -> torch.Tensor:
+    def prompt_step(ids: torch.Tensor) -> torch.Tensor:
         t = ids.shape[1]
-        end = start + t
-        h = (wte[ids] + wpe[pos_all[:, start:end]]).view(b * t, d)  # (B*t, D)
+        h = (wte[ids] + pos_emb[:, :t]).view(b * t, d)  # (B*t, D)
         attn_mask = None
         if padded or t > 1:
-            q_pos = torch.arange(start, end, device=dev).view(-1, 1)
-            k_pos = torch.arange(end, device=dev).view(1, -1)
-            allowed = (k_pos <= q_pos).unsqueeze(0) & mask[:, None, :end].bool()  # (B, t, end)
+            q_pos = torch.arange(t, device=dev).view(-1, 1)
+            allowed = (q_pos >= q_pos.view(1, -1)).unsqueeze(0) & mask[:, None, :t].bool()  # (B, t, t)
             attn_mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, neg).unsqueeze(1)
-        for i, blk in enumerate(blocks):
+        for i, blk in enumerate(plan.blocks):
             q, k, v = blk["qkv"](blk["ln_1"](h)).split(d, dim=1)  # (B*t, D) each
-            k_cache[i, :, :, start:end] = _heads(k, b, n_head)
-            v_cache[i, :, :, start:end] = _heads(v, b, n_head)
-            o = F.scaled_dot_product_attention(_heads(q, b, n_head), k_cache[i, :, :, :end], v_cache[i, :, :, :end],
+            k_all[i, :, :, :t] = _heads(k, b, n_head)
+            v_all[i, :, :, :t] = _heads(v, b, n_head)
+            o = F.scaled_dot_product_attention(_heads(q, b, n_head), k_all[i, :, :, :t], v_all[i, :, :, :t],
                                                attn_mask=attn_mask, scale=blk["scale"])  # (B, H, t, hd)
             h = h + blk["proj"](o.transpose(1, 2).reshape(b * t, d))
             c = blk["cross"]
             if c is not None:
                 qc = _heads(c["q"](c["ln"](h)), b, n_head)  # (B, H, t, hd)
-                o = F.scaled_dot_product_attention(qc, c["k"], c["v"], scale=c["scale"])  # (B, H, t, hd)
+                o = F.scaled_dot_product_attention(qc, *cross_kv[i], scale=c["scale"])  # (B, H, t, hd)
                 h = h + c["proj"](o.transpose(1, 2).reshape(b * t, d))
             h = h + blk["fc_proj"](blk["act"](blk["fc"](blk["ln_2"](h))))
-        last = ln_f(h.view(b, t, d)[:, -1])  # (B, D)
-        return lm_head(last)  # (B, V)
+        return plan.lm_head(ln_f(h.view(b, t, d)[:, -1]))  # (B, V)
+
+    def one_token_step(ids: torch.Tensor, pos: int, blocks: list[dict], lm_head) -> torch.Tensor:
+        """ids (B,) at position `pos` -> logits (B, V); keys and values up to pos + 1."""
+        end = pos + 1
+        mask_now = None if pad_bias is None else pad_bias[..., :end]  # (B, 1, 1, end)
+        h = wte[ids].add_(pos_emb[:, pos])  # (B, D)
+        for i, blk in enumerate(blocks):
+            qkv = blk["qkv"](blk["ln_1"](h))  # (B, 3D)
+            kv_cache[i, :, :, :, pos] = qkv[:, d:].view(b, 2, n_head, hd)
+            q = qkv[:, :d].view(b, n_head, 1, hd)  # (B, H, 1, hd)
+            o = F.scaled_dot_product_attention(q, k_all[i, :, :, :end], v_all[i, :, :, :end], attn_mask=mask_now,
+                                               scale=blk["scale"])  # (B, H, 1, hd)
+            h.add_(blk["proj"](o.reshape(b, d)))
+            c = blk["cross"]
+            if c is not None:
+                qc = c["q"](c["ln"](h)).view(b, n_head, 1, hd)  # (B, H, 1, hd)
+                o = F.scaled_dot_product_attention(qc, *cross_kv[i], scale=c["scale"])  # (B, H, 1, hd)
+                h.add_(c["proj"](o.reshape(b, d)))
+            h.add_(blk["fc_proj"](blk["act"](blk["fc"](blk["ln_2"](h)))))
+        return lm_head(ln_f(h))  # (B, V)
 
     out = torch.empty(b, total, dtype=input_ids.dtype, device=dev)
     out[:, :p] = input_ids
     done = torch.zeros(b, dtype=torch.bool, device=dev)
-    logits = step(input_ids, 0)
-    n = 0
+    logits = prompt_step(input_ids)
+    n, fastest = 0, float("inf")
+    step_weights = (plan.one_row, plan.lm_head_one_row)
     for n in range(max_new_tokens):
         if eos_token_id is not None and n < min_new_tokens:
             logits[:, eos_token_id] = neg
         nxt = logits.argmax(-1)  # (B,)
-        nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+        if eos_token_id is not None:
+            nxt = torch.where(done, pad_token_id, nxt)
         out[:, p + n] = nxt
-        mask[:, p + n] = 1
         if eos_token_id is not None:
             done |= nxt == eos_token_id
             if bool(done.all()):
                 break
         if n + 1 < max_new_tokens:
-            logits = step(nxt.unsqueeze(1), p + n)
+            if not watch:
+                logits = one_token_step(nxt, p + n, *step_weights)
+                continue
+            t0 = time.perf_counter()
+            logits = one_token_step(nxt, p + n, *step_weights)
+            took = time.perf_counter() - t0
+            fastest = min(fastest, took)
+            if took > 3 * fastest:  # another process took a core: waiting on it costs more than one core does
+                torch.set_num_threads(1)  # the caller's one_thread() restores the count
+                step_weights, watch = (plan.blocks, plan.lm_head), False
     return out[:, : p + n + 1]

@@ -130,10 +130,16 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
 
     # --- image side ------------------------------------------------------------------------------
 
-    def encode_image(self, pixel_values: torch.Tensor | None = None, vision_outputs=None) -> ImageFeatures:
+    def encode_image(self, pixel_values: torch.Tensor | None = None, vision_outputs=None,
+                     fast: bool = False) -> ImageFeatures:
         """Encoder (skipped when `vision_outputs`, e.g. cached features of a frozen encoder, are given)
-        -> adapter."""
-        out = vision_outputs if vision_outputs is not None else self.vision(pixel_values)
+        -> adapter. `fast`: the encoder's inference forward where it has one (eval, no gradients)."""
+        if vision_outputs is not None:
+            out = vision_outputs
+        elif fast and hasattr(self.vision, "infer"):
+            out = self.vision.infer(pixel_values)
+        else:
+            out = self.vision(pixel_values)
         # out.patch_tokens (B, N, Dv), out.pooled (B, Dv)
         return ImageFeatures(tokens=self.adapter(out.patch_tokens), pooled=out.pooled)
 
@@ -417,7 +423,7 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         if encoder_hidden_states is None:
             if pixel_values is None:
                 raise ValueError("generate() needs pixel_values or encoder_hidden_states")
-            encoder_hidden_states = self.encode_image(pixel_values).tokens  # (B, K, Dt)
+            encoder_hidden_states = self.encode_image(pixel_values, fast=True).tokens  # (B, K, Dt)
         b = encoder_hidden_states.shape[0]
         if input_ids is None:
             bos = self.generation_config.bos_token_id

@@ -1,15 +1,22 @@
 """Speed paths against plain references: the fused LM-head cross-entropy against F.cross_entropy on
 materialised logits, the training forward (target rows only) against the eval forward's full logits,
-the fused tanh GELU against transformers' gelu_new, and fast greedy decoding with and without the LM
-head copy against GenerationMixin."""
+the fused tanh GELU against transformers' gelu_new, fast greedy decoding (split one-row linears,
+one thread, the mid-call switch between them) against GenerationMixin, and the fused ViT inference
+forward against Hugging Face's ViTModel."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import ViTConfig, ViTModel
 from transformers.activations import NewGELUActivation
 
+import encoders.fastvit
+import mmgpt.fastgen
+from encoders import build_encoder
+from encoders.threads import cores_free, one_thread
 from mmgpt import MMGPTConfig, MMGPTModel
+from mmgpt.fastgen import greedy_generate
 from mmgpt.losses import linear_cross_entropy
 
 VIT = dict(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -94,14 +101,136 @@ def test_fused_gelu_is_gpt2_gelu_new():
     assert torch.allclose(acts[0](x), NewGELUActivation()(x), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("new_tokens", [4, 12])  # below and above the LM-head copy threshold (8)
-def test_fast_greedy_with_and_without_head_copy_matches_generation_mixin(new_tokens):
+def _prompts(b: int, vocab: int):
+    """Left-padded prompts of 5 tokens, the second row with 2 pads (when there is one)."""
+    ids = torch.randint(2, vocab, (b, 5))
+    ids[:, 0] = 0
+    mask = torch.ones_like(ids)
+    if b > 1:
+        ids[1, :2], mask[1, :2] = 1, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("threads", ["parallel", "serial", None])
+@pytest.mark.parametrize("vocab", [9000, 9001])  # an odd LM head gets a zero column when split in halves
+def test_fast_greedy_matches_generation_mixin(threads, vocab):
+    model = make_model(seed=3, text={**GPT, "vocab_size": vocab}).eval()
+    torch.manual_seed(4)
+    pixels = torch.randn(3, 3, 32, 32)
+    with one_thread(False):
+        torch.set_num_threads(2)  # the split one-row linears need 2+ threads; the fixture restores 1
+        for b in (1, 3):
+            for prompt in (None, _prompts(b, vocab)):
+                kw = dict(max_new_tokens=12, min_new_tokens=12)
+                if prompt is not None:
+                    kw.update(input_ids=prompt[0], attention_mask=prompt[1])
+                slow = model.generate(pixel_values=pixels[:b], fast=False, **kw)
+                memory = model.encode_image(pixels[:b]).tokens
+                ids = kw.get("input_ids", torch.zeros(b, 1, dtype=torch.long))
+                mask = kw.get("attention_mask", torch.ones_like(ids))
+                fast = greedy_generate(model, memory, ids, mask, 12, 1, 1, 12, threads=threads)
+                assert torch.equal(fast, slow), (b, prompt is not None, fast, slow)
+                assert torch.get_num_threads() == 2
+        # The plan made for these weights is rebuilt when they change.
+        with torch.no_grad():
+            model.decoder.transformer.h[-1].mlp.c_fc.weight.mul_(3.0)
+            model.decoder.transformer.wte.weight[5:50].add_(0.2)
+        kw = dict(max_new_tokens=10, min_new_tokens=10)
+        assert torch.equal(model.generate(pixel_values=pixels[:1], **kw),
+                           model.generate(pixel_values=pixels[:1], fast=False, **kw))
+
+
+def test_fast_greedy_moves_to_one_thread_when_a_step_slows_down(monkeypatch):
+    """A step 3x slower than the call's fastest (another process took a core) moves the rest of
+    the call to one thread and plain linears; the tokens stay GenerationMixin's."""
+    model = make_model(seed=5).eval()
+    torch.manual_seed(6)
+    pixels = torch.randn(1, 3, 32, 32)
+    seen = []
+
+    class Clock:  # each one-token step "takes" 1 s, the third one 5 s
+        t = 0.0
+        calls = 0
+
+        @classmethod
+        def perf_counter(cls):
+            cls.calls += 1
+            if cls.calls % 2 == 0:  # end of a step
+                seen.append(torch.get_num_threads())
+                cls.t += 5.0 if cls.calls == 6 else 1.0
+            return cls.t
+
+    monkeypatch.setattr(mmgpt.fastgen, "time", Clock)
+    monkeypatch.setattr(mmgpt.fastgen, "cores_free", lambda: True)
+    with one_thread(False):
+        torch.set_num_threads(2)
+        memory = model.encode_image(pixels).tokens
+        ids = torch.zeros(1, 1, dtype=torch.long)
+        fast = greedy_generate(model, memory, ids, torch.ones_like(ids), 8, 1, 1, 8)
+        assert torch.get_num_threads() == 2
+    assert seen[:3] == [2, 2, 2] and len(seen) == 3  # timed until the slow third step, then one thread
+    slow = model.generate(pixel_values=pixels, fast=False, max_new_tokens=8, min_new_tokens=8)
+    assert torch.equal(fast, slow)
+
+
+def test_generate_takes_the_fast_paths_and_matches_generation_mixin():
     model = make_model(seed=3).eval()
     torch.manual_seed(4)
     pixels = torch.randn(3, 3, 32, 32)
     for b in (1, 3):
-        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        kw = dict(max_new_tokens=12, min_new_tokens=12)
         fast = model.generate(pixel_values=pixels[:b], **kw)
         slow = model.generate(pixel_values=pixels[:b], fast=False, **kw)
-        assert fast.shape == (b, new_tokens + 1)
+        assert fast.shape == (b, 13)
         assert torch.equal(fast, slow), (b, fast, slow)
+
+
+def test_one_thread_restores_the_count_and_cores_free_answers():
+    with one_thread(False):
+        torch.set_num_threads(2)
+        with one_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        assert cores_free(max_age=0.0) in (True, False)
+    assert torch.get_num_threads() == 1
+    assert cores_free() is True  # one thread: nothing to wait for
+
+
+VIT_FAST = dict(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
+                intermediate_size=96)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("stem", ["patch", "cnn"])
+def test_fast_vit_forward_matches_hugging_face(monkeypatch, onednn, stem):
+    if not onednn:  # the F.linear path that GPUs and other dtypes take
+        monkeypatch.setattr(encoders.fastvit, "_use_onednn", lambda x: False)
+    torch.manual_seed(0)
+    enc = build_encoder("vit", VIT_FAST, stem=stem).eval()
+    ref = ViTModel(ViTConfig(**VIT_FAST), add_pooling_layer=False).eval()
+    ref.embeddings.patch_embeddings.projection = enc.model.embeddings.patch_embeddings.projection
+    ref.load_state_dict(enc.model.state_dict())
+    with torch.no_grad():
+        for p in ref.parameters():  # biases and norms away from their 0 / 1 init, so all of them count
+            p.add_(0.1 * torch.randn_like(p))
+        enc.model.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        want = ref(pixel_values=x).last_hidden_state
+        got = enc.infer(x)
+        assert enc._fast is not None  # the fast forward ran
+        torch.testing.assert_close(got.patch_tokens, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.pooled, want[:, 0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(enc.infer(x[:1]).patch_tokens, want[:1], rtol=1e-4, atol=1e-5)
+        # New weights are picked up (the fused / reordered copies are rebuilt).
+        ref.layers[1].mlp.fc1.weight.mul_(-2.0)
+        ref.layers[2].attention.k_proj.bias.add_(0.5)
+        enc.model.load_state_dict(ref.state_dict())
+        torch.testing.assert_close(enc.infer(x).patch_tokens, ref(pixel_values=x).last_hidden_state,
+                                   rtol=1e-4, atol=1e-5)
+    # With gradients or in training mode, infer is the plain forward.
+    out = enc.infer(x)
+    assert out.patch_tokens.requires_grad
+    enc.train()
+    with torch.no_grad():
+        assert torch.equal(enc.infer(x).patch_tokens, enc(x).patch_tokens)
