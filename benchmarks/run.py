@@ -326,11 +326,57 @@ def target(name, ours, peer, ratio, goal, unit, higher=True) -> dict:
             "ratio": round(ratio, 3), "target": goal, "met": bool(met), "unit": unit}
 
 
+def generation_targets(iters: int, have_coca: bool) -> tuple[list[dict], list[tuple]]:
+    """Greedy generation, small size, batch 1 and 16: mmgpt vs VED (and CoCa), interleaved rounds."""
+    targets, rows = [], []
+    bandwidth = read_bandwidth()
+    print(f"read bandwidth: {bandwidth:.1f} GB/s", flush=True)
+    for batch, goal in ((1, 3.0), (16, 2.0)):
+        bound = generation_bounds(SMALL, batch)
+        fns = {}
+        for kind in ["mmgpt", "ved"] + (["coca"] if have_coca else []):
+            fn = gen_fn(kind, SMALL, batch)
+            try:
+                fn()
+            except Exception as err:  # a peer's generate failing must not sink the whole run
+                print(f"note: {kind} generation failed: {err}", file=sys.stderr)
+                continue
+            fns[kind] = fn
+        free = cores_free(max_age=0.0)  # False: another process holds a core (mmgpt then decodes on one thread)
+        t = interleaved_medians(fns, iters, warmup=0)
+        rates = {kind: batch * 24 / t[kind] for kind in fns}
+        for kind in fns:
+            rows.append((f"greedy small b{batch}", kind, f"{rates[kind]:.1f} tokens/s", ""))
+            print(rows[-1], flush=True)
+        targets.append(target(f"generate_small_b{batch}_vs_ved", rates["mmgpt"], rates["ved"],
+                              rates["mmgpt"] / rates["ved"], goal, "tokens/s"))
+        # Ceilings on the ratio: the encoder alone (decoding free), and the encoder plus streaming the
+        # decoder weights once per token at the measured read bandwidth (fp32, no cache reuse).
+        t_ved = batch * 24 / rates["ved"]
+        t_stream = bound["new_tokens"] * bound["step_bytes"] / (bandwidth * 1e9)
+        targets[-1]["bound"] = {
+            "encoder_s": round(bound["encoder_s"], 4), "encoder_hf_vit_s": round(bound["encoder_hf_s"], 4),
+            "cores_free_before_rounds": free, "decoder_weight_mb": round(bound["step_bytes"] / 2**20, 1),
+            "read_gb_s": round(bandwidth, 2), "ratio_if_decoding_free": round(t_ved / bound["encoder_s"], 3),
+            "ratio_if_bandwidth_bound": round(t_ved / (bound["encoder_s"] + t_stream), 3)}
+        ceiling = (f"ratio <= {t_ved / bound['encoder_s']:.2f} (decoding free), "
+                   f"<= {t_ved / (bound['encoder_s'] + t_stream):.2f} (weights streamed per token)")
+        rows.append((f"greedy small b{batch} ceiling", "mmgpt",
+                     f"encoder {1e3 * bound['encoder_s']:.0f} ms (HF ViT forward {1e3 * bound['encoder_hf_s']:.0f} ms)",
+                     ceiling + ("" if free else "; a core was busy at the start")))
+        if "coca" in rates:
+            targets.append(target(f"generate_small_b{batch}_vs_coca", rates["mmgpt"], rates["coca"],
+                                  rates["mmgpt"] / rates["coca"], 1.0, "tokens/s"))
+    return targets, rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--iters", type=int, default=5, help="timed repetitions per measurement (median)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-coca", action="store_true")
+    ap.add_argument("--only", choices=["generation"],
+                    help="run only these rows; prints the tables, leaves results/latest.json as it is")
     ap.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rss_child:
@@ -346,6 +392,10 @@ def main(argv=None) -> int:
             print(f"note: CoCa peer unavailable ({err}); pip install open-clip-torch", file=sys.stderr)
             have_coca = False
 
+    if args.only == "generation":
+        targets, rows = generation_targets(args.iters, have_coca)
+        print_tables(rows, targets)
+        return 0
     peak = matmul_peak()
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s, {args.threads} threads", flush=True)
     targets, rows = [], []
@@ -373,44 +423,9 @@ def main(argv=None) -> int:
     mfu = train_rates[("mmgpt", "small")][1]
     targets.append(target("mfu_small", mfu, None, mfu, 0.8, "fraction of matmul peak"))
 
-    bandwidth = read_bandwidth()
-    print(f"read bandwidth: {bandwidth:.1f} GB/s", flush=True)
-    for batch, goal in ((1, 3.0), (16, 2.0)):
-        bound = generation_bounds(SMALL, batch)
-        fns = {}
-        for kind in ["mmgpt", "ved"] + (["coca"] if have_coca else []):
-            fn = gen_fn(kind, SMALL, batch)
-            try:
-                fn()
-            except Exception as err:  # a peer's generate failing must not sink the whole run
-                print(f"note: {kind} generation failed: {err}", file=sys.stderr)
-                continue
-            fns[kind] = fn
-        free = cores_free(max_age=0.0)  # False: another process holds a core (mmgpt then decodes on one thread)
-        t = interleaved_medians(fns, args.iters, warmup=0)
-        rates = {kind: batch * 24 / t[kind] for kind in fns}
-        for kind in fns:
-            rows.append((f"greedy small b{batch}", kind, f"{rates[kind]:.1f} tokens/s", ""))
-            print(rows[-1], flush=True)
-        targets.append(target(f"generate_small_b{batch}_vs_ved", rates["mmgpt"], rates["ved"],
-                              rates["mmgpt"] / rates["ved"], goal, "tokens/s"))
-        # Ceilings on the ratio: the encoder alone (decoding free), and the encoder plus streaming the
-        # decoder weights once per token at the measured read bandwidth (fp32, no cache reuse).
-        t_ved = batch * 24 / rates["ved"]
-        t_stream = bound["new_tokens"] * bound["step_bytes"] / (bandwidth * 1e9)
-        targets[-1]["bound"] = {
-            "encoder_s": round(bound["encoder_s"], 4), "encoder_hf_vit_s": round(bound["encoder_hf_s"], 4),
-            "cores_free_before_rounds": free, "decoder_weight_mb": round(bound["step_bytes"] / 2**20, 1),
-            "read_gb_s": round(bandwidth, 2), "ratio_if_decoding_free": round(t_ved / bound["encoder_s"], 3),
-            "ratio_if_bandwidth_bound": round(t_ved / (bound["encoder_s"] + t_stream), 3)}
-        ceiling = (f"ratio <= {t_ved / bound['encoder_s']:.2f} (decoding free), "
-                   f"<= {t_ved / (bound['encoder_s'] + t_stream):.2f} (weights streamed per token)")
-        rows.append((f"greedy small b{batch} ceiling", "mmgpt",
-                     f"encoder {1e3 * bound['encoder_s']:.0f} ms (HF ViT forward {1e3 * bound['encoder_hf_s']:.0f} ms)",
-                     ceiling + ("" if free else "; a core was busy at the start")))
-        if "coca" in rates:
-            targets.append(target(f"generate_small_b{batch}_vs_coca", rates["mmgpt"], rates["coca"],
-                                  rates["mmgpt"] / rates["coca"], 1.0, "tokens/s"))
+    gen_targets, gen_rows = generation_targets(args.iters, have_coca)
+    targets += gen_targets
+    rows += gen_rows
 
     cached, recomputed, flop_ratio = feature_cache_ratio(SMALL, args.iters)
     rows.append(("frozen encoder small", "mmgpt", f"cached {cached:.1f} vs recomputed {recomputed:.1f} samples/s",
@@ -438,6 +453,12 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps({"machine": machine, "targets": targets}, indent=2) + "\n")
 
+    print_tables(rows, targets)
+    print(f"\nwrote {RESULTS / 'latest.json'}")
+    return 0
+
+
+def print_tables(rows: list[tuple], targets: list[dict]) -> None:
     print("\n| measurement | model | value | note |\n|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
@@ -445,8 +466,6 @@ def main(argv=None) -> int:
     for t in targets:
         print(f"| {t['name']} | {t['mmgpt']} | {t['peer']} | {t['ratio']} | {'<=' if t['name'].startswith('peak') else '>='}"
               f"{t['target']} | {'yes' if t['met'] else 'NO'} |")
-    print(f"\nwrote {RESULTS / 'latest.json'}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -19,3 +19,16 @@ def test_interleaved_medians_rotates_and_takes_medians(monkeypatch):
     t = bench.interleaved_medians({"a": make("a"), "b": make("b")}, iters=4, warmup=1)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
     assert t == {"a": 2.5, "b": 25.0}
+
+
+def test_only_generation_prints_its_rows_and_leaves_latest_json(monkeypatch, tmp_path, capsys):
+    row = ("greedy small b1", "mmgpt", "2.0 tokens/s", "")
+    goal = bench.target("generate_small_b1_vs_ved", 2.0, 1.0, 2.0, 3.0, "tokens/s")
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "generation_targets", lambda iters, have_coca: ([goal], [row]))
+    monkeypatch.setattr(bench, "matmul_peak", lambda: 1 / 0)  # nothing else runs
+    assert bench.main(["--only", "generation", "--skip-coca", "--iters", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| greedy small b1 | mmgpt | 2.0 tokens/s |  |" in out
+    assert "| generate_small_b1_vs_ved | 2.0 | 1.0 | 2.0 | >=3.0 | NO |" in out
+    assert not (tmp_path / "latest.json").exists()
