@@ -19,7 +19,8 @@ decoder weights and the LM head, through about twenty small ops per layer. So:
 - On a shared machine whose other core is busy, each of a step's ~40 parallel regions waits for
   that core's time slice (a 2-thread step then took 30x longer than a 1-thread one here). A call
   therefore decodes on one thread when `encoders.threads.cores_free` says the other cores are
-  busy, and moves to one thread mid-call when a step suddenly takes 3x the call's fastest.
+  busy, and moves to one thread mid-call when a step takes 3x the call's fastest, or 1.5x the
+  fastest one-thread step seen at that batch size.
 Everything stays fp32.
 """
 
@@ -120,9 +121,10 @@ class _Plans:
 
     def __init__(self):
         self.key, self.by_split = None, {}
+        self.serial_step: dict[int, float] = {}  # rows -> fastest one-thread one-token step seen (s)
 
     def __getstate__(self) -> dict:
-        return {"key": None, "by_split": {}}
+        return {"key": None, "by_split": {}, "serial_step": {}}
 
 
 def _plan(model, split: bool) -> _DecoderPlan:
@@ -153,7 +155,8 @@ def greedy_generate(
     `threads` (CPU with 2+ torch threads): "parallel": on all threads, one-row linears split in
     halves (module doc); "serial": on one thread; None: "parallel" while the other cores take work
     at once (`encoders.threads.cores_free`), else "serial"; and a one-token step that takes 3x
-    the call's fastest moves the rest of the call to one thread."""
+    the call's fastest, or 1.5x the fastest one-thread step seen at this batch size, moves the rest
+    of the call to one thread."""
     b, dev = input_ids.shape[0], input_ids.device
     n_threads = torch.get_num_threads()
     if dev.type != "cpu" or n_threads < 2:
@@ -246,7 +249,9 @@ def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     logits = prompt_step(input_ids)
     n, fastest = 0, float("inf")
-    step_weights = (plan.one_row, plan.lm_head_one_row)
+    serial = torch.get_num_threads() == 1
+    step_weights = (plan.blocks, plan.lm_head) if serial else (plan.one_row, plan.lm_head_one_row)
+    timings = model.__dict__["_fastgen_plans"].serial_step
     for n in range(max_new_tokens):
         if eos_token_id is not None and n < min_new_tokens:
             logits[:, eos_token_id] = neg
@@ -259,14 +264,15 @@ def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_
             if bool(done.all()):
                 break
         if n + 1 < max_new_tokens:
-            if not watch:
-                logits = one_token_step(nxt, p + n, *step_weights)
-                continue
             t0 = time.perf_counter()
             logits = one_token_step(nxt, p + n, *step_weights)
             took = time.perf_counter() - t0
-            fastest = min(fastest, took)
-            if took > 3 * fastest:  # another process took a core: waiting on it costs more than one core does
-                torch.set_num_threads(1)  # the caller's one_thread() restores the count
-                step_weights, watch = (plan.blocks, plan.lm_head), False
+            if serial:
+                timings[b] = min(timings.get(b, took), took)
+            elif watch:
+                fastest = min(fastest, took)
+                if took > 3 * fastest or took > 1.5 * timings.get(b, float("inf")):
+                    # another process took a core: waiting on it costs more than one core does
+                    torch.set_num_threads(1)  # the caller's one_thread() restores the count
+                    step_weights, serial = (plan.blocks, plan.lm_head), True
     return out[:, : p + n + 1]

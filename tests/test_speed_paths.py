@@ -141,36 +141,40 @@ def test_fast_greedy_matches_generation_mixin(threads, vocab):
 
 
 def test_fast_greedy_moves_to_one_thread_when_a_step_slows_down(monkeypatch):
-    """A step 3x slower than the call's fastest (another process took a core) moves the rest of
-    the call to one thread and plain linears; the tokens stay GenerationMixin's."""
+    """A step 3x slower than the call's fastest, or 1.5x the fastest one-thread step seen before
+    (another process took a core), moves the rest of the call to one thread and plain linears; the
+    tokens stay GenerationMixin's."""
     model = make_model(seed=5).eval()
     torch.manual_seed(6)
     pixels = torch.randn(1, 3, 32, 32)
-    seen = []
 
-    class Clock:  # each one-token step "takes" 1 s, the third one 5 s
-        t = 0.0
-        calls = 0
+    class Clock:  # a one-token step "takes" the next of `steps` seconds; records the thread count
+        t, calls, steps, seen = 0.0, 0, [], []
 
         @classmethod
         def perf_counter(cls):
             cls.calls += 1
             if cls.calls % 2 == 0:  # end of a step
-                seen.append(torch.get_num_threads())
-                cls.t += 5.0 if cls.calls == 6 else 1.0
+                cls.seen.append(torch.get_num_threads())
+                cls.t += cls.steps.pop(0)
             return cls.t
 
     monkeypatch.setattr(mmgpt.fastgen, "time", Clock)
     monkeypatch.setattr(mmgpt.fastgen, "cores_free", lambda: True)
+    slow = model.generate(pixel_values=pixels, fast=False, max_new_tokens=8, min_new_tokens=8)
     with one_thread(False):
         torch.set_num_threads(2)
         memory = model.encode_image(pixels).tokens
         ids = torch.zeros(1, 1, dtype=torch.long)
+        Clock.steps = [1.0, 1.0, 5.0, 0.5, 0.4, 0.5, 0.6]  # 7 one-token steps for 8 new tokens
         fast = greedy_generate(model, memory, ids, torch.ones_like(ids), 8, 1, 1, 8)
         assert torch.get_num_threads() == 2
-    assert seen[:3] == [2, 2, 2] and len(seen) == 3  # timed until the slow third step, then one thread
-    slow = model.generate(pixel_values=pixels, fast=False, max_new_tokens=8, min_new_tokens=8)
-    assert torch.equal(fast, slow)
+        assert Clock.seen == [2, 2, 2, 1, 1, 1, 1] and torch.equal(fast, slow)
+        # The fastest one-thread step (0.4 s) is now known: a 2-thread step of 0.7 s gives up at once.
+        Clock.calls, Clock.seen, Clock.steps = 0, [], [0.7, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+        fast = greedy_generate(model, memory, ids, torch.ones_like(ids), 8, 1, 1, 8)
+        assert Clock.seen == [2, 1, 1, 1, 1, 1, 1] and torch.equal(fast, slow)
+        assert torch.get_num_threads() == 2
 
 
 def test_generate_takes_the_fast_paths_and_matches_generation_mixin():
