@@ -25,6 +25,7 @@ def build_encoder(
     stem_extra: int = 0,
     position_init: str = "learned",
     position_scale: float = 0.02,
+    pool: str | None = None,
 ) -> VisionEncoder:
     """Build a vision encoder.
 
@@ -32,8 +33,10 @@ def build_encoder(
     or overrides of the pretrained config when ``pretrained`` (hub id or local folder) is given.
     ``image_mean`` / ``image_std`` override what the checkpoint or the backend default says.
     ``stem``: "patch" (the backbone's own), or a convolutional stem "conv" / "cnn" (encoders/stem.py)
-    whose first convolution has ``stem_width`` channels, plus ``stem_extra`` conv3x3 on the token grid. ``position_init="sincos"`` starts the learned
-    position embeddings from 2-D sin-cos codes of standard deviation ``position_scale`` (from scratch only).
+    whose first convolution has ``stem_width`` channels, plus ``stem_extra`` conv3x3 on the token grid.
+    ``position_init="sincos"`` starts the learned position embeddings from 2-D sin-cos codes of
+    standard deviation ``position_scale`` (from scratch only). ``pool="mean"``: the pooled vector (what
+    ITC embeds) is the mean of the patch tokens instead of the backbone's own (CLS / pooler).
     ``build_encoder(**enc.config_dict())`` rebuilds the same architecture with random weights.
     """
     if backend not in ENCODER_BACKENDS:
@@ -64,6 +67,10 @@ def build_encoder(
         encoder.position_init = position_init
     elif position_init != "learned":
         raise ValueError(f"unknown position_init {position_init!r}: use 'learned' or 'sincos'")
+    if pool not in (None, "mean"):
+        raise ValueError(f"unknown pool {pool!r}: use 'mean' (patch tokens' mean) or leave it out (the backbone's own)")
+    if pool == "mean":
+        encoder.pool = pool
     if freeze:
         encoder.freeze()
     return encoder

@@ -121,13 +121,19 @@ class HFVisionEncoder(VisionEncoder):
         )
         out = self.model(pixel_values=pixel_values.to(self.dtype), **kwargs)
         tokens = out.last_hidden_state  # (B, N, D)
-        if self.spec.pool == "cls":
+        if getattr(self, "pool", None) == "mean":
+            pooled = self._mean_pool(tokens)
+        elif self.spec.pool == "cls":
             pooled = tokens[:, 0]  # (B, D): CLS after the final layernorm
         elif out.pooler_output is not None:
             pooled = out.pooler_output  # (B, D)
         else:
             pooled = tokens.mean(dim=1)  # (B, D): SigLIP built with vision_use_head=False
         return EncoderOutput(patch_tokens=tokens, pooled=pooled)
+
+    def _mean_pool(self, tokens: Tensor) -> Tensor:
+        """(B, N, D) -> (B, D): the mean of the patch tokens (the CLS token, if any, left out)."""
+        return tokens[:, int(self.spec.has_cls_token):].mean(dim=1)
 
     def infer(self, pixel_values: Tensor) -> EncoderOutput:
         """``forward`` for inference: eval mode without gradients takes the fused ViT forward
@@ -137,12 +143,14 @@ class HFVisionEncoder(VisionEncoder):
         if getattr(self, "_fast", None) is None:
             self._fast = fastvit.FastViT(self.model)
         tokens = self._fast(pixel_values)  # (B, N, D)
-        return EncoderOutput(patch_tokens=tokens, pooled=tokens[:, 0])
+        pooled = self._mean_pool(tokens) if getattr(self, "pool", None) == "mean" else tokens[:, 0]
+        return EncoderOutput(patch_tokens=tokens, pooled=pooled)
 
     def config_dict(self) -> dict:
         return {
             "backend": self.backend,
             "stem": getattr(self, "stem", "patch"),
+            **({"pool": self.pool} if getattr(self, "pool", None) else {}),
             **({"stem_width": self.stem_width, "stem_extra": getattr(self, "stem_extra", 0)}
                if getattr(self, "stem", "patch") != "patch" else {}),
             "config": architecture_kwargs(self.model.config),

@@ -43,6 +43,9 @@ class MMGPTConfig(PreTrainedConfig):
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = 100.0
     label_smoothing: float = 0.0
+    # scale of the contrastive gradient that flows into the shared decoder through the text embedding
+    # (1 = plain; below 1 the decoder learns mostly from the LM loss, the text projection fully from ITC)
+    itc_text_grad_scale: float = 1.0
     vision_pretrained: str | None = None
     text_pretrained: str | None = None
     tokenizer: dict | None = None

@@ -44,6 +44,13 @@ class ImageFeatures:
     pooled: torch.Tensor  # (B, Dv) encoder's pooled vector
 
 
+def _scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x in the forward pass; its gradient times `scale` in the backward pass."""
+    if scale == 1.0 or not x.requires_grad:
+        return x
+    return x * scale + x.detach() * (1.0 - scale)
+
+
 def _fuse_tanh_gelu(decoder) -> None:
     """GPT-2's `gelu_new` writes the tanh GELU out in 8 elementwise ops (and as many in backward); torch's
     one kernel computes the same formula. Parameter-free, so weights and saved configs are untouched."""
@@ -85,7 +92,7 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             stem=config.vision.get("stem", "patch"), stem_width=config.vision.get("stem_width", 32),
             stem_extra=config.vision.get("stem_extra", 0),
             position_init=config.vision.get("position_init", "learned"),
-            position_scale=config.vision.get("position_scale", 0.02),
+            position_scale=config.vision.get("position_scale", 0.02), pool=config.vision.get("pool"),
         )
         self.uses_prefix = config.fusion == "prefix"
         if decoder is None:
@@ -350,12 +357,13 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
                 text_hidden = tapped[rows]  # (b, T, Dt): the unimodal layers' output, same pass
             else:
                 text_hidden = self._image_free_hidden(input_ids[rows], am)  # (b, T, Dt), image-free pass
-            text_embeds = self._text_embedding(text_hidden, am)  # (b, E)
+            text_embeds = self._text_embedding(_scale_grad(text_hidden, cfg.itc_text_grad_scale), am)  # (b, E)
             groups = itc_groups[rows] if itc_groups is not None else None
             neg_embeds = None
             if itc_negative_ids is not None and itc_negative_ids.shape[0] > 0:
                 neg_hidden = self._image_free_hidden(itc_negative_ids, itc_negative_mask)  # (N, Tn, Dt)
-                neg_embeds = self._text_embedding(neg_hidden, itc_negative_mask)  # (N, E)
+                neg_embeds = self._text_embedding(_scale_grad(neg_hidden, cfg.itc_text_grad_scale),
+                                                  itc_negative_mask)  # (N, E)
             itc_loss = contrastive_loss(image_embeds, text_embeds, logit_scale, groups,
                                         negatives=neg_embeds, negative_owner=itc_negative_owner)
 

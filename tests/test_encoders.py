@@ -316,3 +316,18 @@ def test_sincos_position_init_codes_column_and_row():
     assert enc.model.embeddings.position_embeddings.requires_grad, "still trained"
     with pytest.raises(ValueError, match="position_init"):
         build_encoder("vit", {**TINY}, position_init="rope")
+
+
+def test_mean_pool_option_pools_patch_tokens_without_cls():
+    enc = build_encoder("vit", {**TINY}, pool="mean").eval()
+    px = torch.randn(2, 3, TINY["image_size"], TINY["image_size"])
+    with torch.no_grad():
+        out = enc(px)
+        fast = enc.infer(px) if hasattr(enc, "infer") else out
+    torch.testing.assert_close(out.pooled, out.patch_tokens[:, 1:].mean(dim=1))
+    torch.testing.assert_close(fast.pooled, out.pooled, rtol=1e-4, atol=1e-5)
+    cfg = json.loads(json.dumps(enc.config_dict()))
+    assert cfg["pool"] == "mean" and build_encoder(**cfg).pool == "mean"
+    assert "pool" not in build_encoder("vit", {**TINY}).config_dict()
+    with pytest.raises(ValueError, match="pool"):
+        build_encoder("vit", {**TINY}, pool="max")

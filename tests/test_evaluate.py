@@ -122,14 +122,14 @@ def hand_records(images):
     return [
         caption_rec(a, "a red circle", "A"),
         vqa_rec(a.copy(), "what color is it?", red_answers, "color", "A"),  # grouped by image_id, not object
-        caption_rec(b, "a blue square", "B"),
+        {**caption_rec(b, "a blue square", "B"), "ctype": "two"},
         None,  # a bad record
         caption_rec(a.copy(), "A red ball", "A", references=["a red circle", "a red ball"]),
         caption_rec(c, "a green circle"),  # no image_id: grouped by the image object
         vqa_rec(c, "what shape is it?", ["circle"], "shape"),
         BadRecord("missing_file", "x.jsonl:7", "gone.png"),
         vqa_rec(d, "how many objects?", ["two"], "count", "D"),  # D has no caption: not captioned
-        caption_rec(e, "a blue square", "E"),
+        {**caption_rec(e, "a blue square", "E"), "ctype": "two"},
     ]
 
 
@@ -148,6 +148,8 @@ def test_evaluate_matches_hand_computed_metrics(fake):
 
     # Exact match: A ("A Red  Circle." ~ "a red circle"), C and E hit; B misses.
     assert m["caption_exact_match"] == pytest.approx(3 / 4)
+    assert m["caption_exact_match/two"] == pytest.approx(1 / 2)  # per caption type: B misses, E hits
+    assert not any(k.startswith("caption_exact_match/") and k != "caption_exact_match/two" for k in m)
     refs = {0: ["a red circle", "a red ball"], 1: ["a blue square"], 2: ["a green circle"], 3: ["a blue square"]}
     preds = {0: "A Red  Circle.", 1: "a blue square and more", 2: "a green circle", 3: "a blue square"}
     direct = caption_metrics(preds, refs, metrics=NO_METEOR)

@@ -268,3 +268,23 @@ def test_fast_greedy_path_gives_the_tokens_of_generation_mixin():
     a = model.generate(pixel_values=torch.randn(2, 3, 32, 32), max_new_tokens=12)
     b = model.generate(pixel_values=torch.randn(2, 3, 32, 32), max_new_tokens=12, fast=False)
     assert a.shape[1] <= 13 and b.shape[1] <= 13
+
+
+def test_itc_text_grad_scale_scales_only_the_decoder_side_of_the_contrastive_gradient():
+    torch.manual_seed(3)
+    pixels = torch.randn(3, 3, 32, 32)
+    ids = torch.randint(2, 120, (3, 6))
+    ids[:, 0], ids[:, -1] = 0, 1
+    grads, losses = [], []
+    for scale in (1.0, 0.1):
+        model = make_model(seed=7, itc_text_grad_scale=scale, lm_weight=0.0).train()
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, labels=ids)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    assert torch.equal(losses[0], losses[1])  # the forward is unchanged
+    full, scaled = grads
+    torch.testing.assert_close(scaled["text_proj.weight"], full["text_proj.weight"])  # above the scaled point
+    torch.testing.assert_close(scaled["image_proj.weight"], full["image_proj.weight"])  # the image side
+    wte = "decoder.transformer.wte.weight"
+    torch.testing.assert_close(scaled[wte], 0.1 * full[wte], rtol=1e-4, atol=1e-7)  # the shared decoder

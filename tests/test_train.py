@@ -170,3 +170,14 @@ def test_frozen_encoder_feature_cache_gives_the_same_training(tmp_path):
     b = load_file(tmp_path / "b" / "model" / "model.safetensors")
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_itc_warmup_ramps_the_contrastive_weight(tmp_path):
+    out = tmp_path / "run"
+    assert main([str(ROOT / "configs/train/shapes-tiny.yaml"), *SMALL, "max_steps=5", f"output_dir={out}",
+                 "data.validation=null", "objectives.itc_weight=0.5", "objectives.itc_warmup_steps=4"]) == 0
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    for rec in logs:  # logged after the step: the loss of step k used the ramp at k - 1
+        ramp = min(1.0, (rec["step"] - 1) / 4)
+        assert rec["loss"] == pytest.approx(rec["lm_loss"] + ramp * 0.5 * rec["itc_loss"], rel=1e-5), rec
+    assert "grad_norm" in logs[0] and logs[0]["logit_scale"] > 1

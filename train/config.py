@@ -39,6 +39,9 @@ class DataConfig:
 class ObjectivesConfig:
     itc_weight: float = 1.0
     lm_weight: float = 1.0
+    # ramp the contrastive weight linearly from 0 over the first N optimizer steps: the shared decoder
+    # (the text tower) changes fastest then, and contrastive steps against its moving target are noise
+    itc_warmup_steps: int = 0
     label_smoothing: float = 0.0
     itc_duplicate_positives: bool = True  # identical captions are positives of each other
 

@@ -36,6 +36,7 @@ class ImageGroup:
     image: Any  # PIL image
     references: list[str] = field(default_factory=list)
     questions: list[Question] = field(default_factory=list)
+    ctype: str | None = None  # caption type (shapes: "1_objects" ...): exact match is also reported per type
 
 
 @dataclass
@@ -100,6 +101,7 @@ def group_records(records: Iterable, max_images: int | None = None) -> tuple[lis
                 answers = list(rec.get("answers") or [rec["target"]])
                 group.questions.append(Question(rec["prompt"], answers, rec.get("qtype")))
             else:
+                group.ctype = group.ctype or rec.get("ctype")
                 for ref in rec.get("references") or [rec["target"]]:
                     ref = ref.strip()
                     if ref and ref not in group.references:
@@ -194,6 +196,9 @@ def evaluate(
                 normalize_caption(c) in {normalize_caption(r) for r in g.references} for g, c in zip(captioned, caps)
             ]
             metrics["caption_exact_match"] = sum(hits) / n
+            for ctype in sorted({g.ctype for g in captioned if g.ctype}):
+                sel = [h for g, h in zip(captioned, hits) if g.ctype == ctype]
+                metrics[f"caption_exact_match/{ctype}"] = sum(sel) / len(sel)
             if caption_scorers:
                 metrics.update(caption_metrics({i: c for i, c in enumerate(caps)},
                                                {i: g.references for i, g in enumerate(captioned)},

@@ -157,7 +157,10 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
     if main and cfg.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="train", dynamic_ncols=True)
+        # A time budget ends the run first when its steps would outlast it: the bar then counts steps
+        # without a total (its ETA would be the step cap's) and the postfix shows the minutes left.
+        bar = tqdm(total=None if cfg.max_minutes else cfg.max_steps, initial=state["step"], desc="train",
+                   dynamic_ncols=True)
     metrics_path = out / "metrics.jsonl"
     cache = None
     if cfg.freeze.vision and not cfg.data.augment and cfg.freeze.feature_cache == "memory":
@@ -192,6 +195,10 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
             with accelerator.accumulate(model):
                 outputs = model(**inputs)
                 loss = outputs.loss
+                ramp = cfg.objectives.itc_warmup_steps
+                if ramp and state["step"] < ramp and outputs.itc_loss is not None:
+                    # model loss = lm + w * itc; take back the part of w * itc not yet ramped in
+                    loss = loss - (1 - state["step"] / ramp) * cfg.objectives.itc_weight * outputs.itc_loss
                 finite = torch.isfinite(loss.detach()).float()
                 if accelerator.num_processes > 1:
                     finite = accelerator.reduce(finite, reduction="min")
@@ -239,7 +246,10 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
                 if main:
                     _log(metrics_path, rec)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{rec['loss']:.3f}", rows_s=f"{rec['rows_per_s']:.0f}")
+                        post = {"loss": f"{rec['loss']:.3f}", "rows_s": f"{rec['rows_per_s']:.0f}"}
+                        if cfg.max_minutes:
+                            post["min_left"] = f"{max(0.0, cfg.max_minutes - (now - t0) / 60):.1f}"
+                        bar.set_postfix(**post)
                 accelerator.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=step)
             if seen_items >= 200:
                 bad.check(seen_items, cfg.data.max_bad_fraction)

@@ -336,6 +336,7 @@ class ShapesDataset(Dataset):
                 "target": cap,
                 "references": [cap],
                 "image_id": iid,
+                "ctype": f"{len(scene.objects)}_objects",  # evaluation reports exact match per object count
                 **negs,
             }
             for _ in range(n_caption)
