@@ -181,3 +181,18 @@ def test_itc_warmup_ramps_the_contrastive_weight(tmp_path):
         ramp = min(1.0, (rec["step"] - 1) / 4)
         assert rec["loss"] == pytest.approx(rec["lm_loss"] + ramp * 0.5 * rec["itc_loss"], rel=1e-5), rec
     assert "grad_norm" in logs[0] and logs[0]["logit_scale"] > 1
+
+
+def test_collator_points_each_hard_negative_at_its_caption_row():
+    from mmgpt import build_model
+    from train.collate import Collator
+    from train.data.shapes import ShapesDataset
+
+    ds = ShapesDataset("train", 6, task_mix={"caption": 1, "vqa": 2}, grouped=True, hard_negatives=2)
+    _, proc = build_model("tiny", texts=[r["target"] for i in range(6) for r in ds[i]] + ds[0][0]["negatives"])
+    batch = Collator(proc)([ds[i] for i in range(6)])
+    caps = [r for i in range(6) for r in ds[i] if r["task"] == "caption"]
+    assert batch["itc_mask"].sum() == 6 and batch["itc_negative_ids"].shape[0] == 12
+    assert batch["itc_negative_owner"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    first = proc.batch_texts([caps[3]["negatives"][1]])["input_ids"][0]
+    assert batch["itc_negative_ids"][7, : len(first)].tolist() == first.tolist()

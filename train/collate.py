@@ -35,6 +35,7 @@ class Collator:
         p = self.processor
         pixels, image_index, tasks, prompts, targets, itc, image_ids = [], [], [], [], [], [], []
         negatives, neg_prompts, neg_owner = [], [], []  # hard-negative captions, per ITC row
+        n_itc = 0  # ITC rows so far
         for g in groups:
             pixels.append(g[0]["image"])
             image_ids.append(g[0].get("image_id"))
@@ -47,8 +48,9 @@ class Collator:
                     for neg in r.get("negatives") or ():
                         negatives.append(neg)
                         neg_prompts.append(r.get("prompt", ""))
-                        neg_owner.append(sum(itc))  # index among this batch's ITC rows
+                        neg_owner.append(n_itc)  # index among this batch's ITC rows
                 itc.append(r["task"] == "caption")
+                n_itc += itc[-1]
         batch = {"bad": bad, "num_images": len(pixels), "num_rows": len(tasks), "image_ids": image_ids}
         if not pixels:
             return batch
