@@ -23,6 +23,8 @@ def build_encoder(
     stem: str = "patch",
     stem_width: int = 32,
     stem_extra: int = 0,
+    stem_norm: bool = False,
+    stem_init: str = "torch",
     position_init: str = "learned",
     position_scale: float = 0.02,
     pool: str | None = None,
@@ -33,7 +35,9 @@ def build_encoder(
     or overrides of the pretrained config when ``pretrained`` (hub id or local folder) is given.
     ``image_mean`` / ``image_std`` override what the checkpoint or the backend default says.
     ``stem``: "patch" (the backbone's own), or a convolutional stem "conv" / "cnn" (encoders/stem.py)
-    whose first convolution has ``stem_width`` channels, plus ``stem_extra`` conv3x3 on the token grid.
+    whose first convolution has ``stem_width`` channels, plus ``stem_extra`` conv3x3 on the token grid,
+    and with ``stem_norm`` a LayerNorm over each token's channels at its end; ``stem_init`` "kaiming"
+    draws its convolutions He-normal (see encoders/stem.py) instead of PyTorch's default.
     ``position_init="sincos"`` starts the learned position embeddings from 2-D sin-cos codes of
     standard deviation ``position_scale`` (from scratch only). ``pool="mean"``: the pooled vector (what
     ITC embeds) is the mean of the patch tokens instead of the backbone's own (CLS / pooler).
@@ -54,8 +58,12 @@ def build_encoder(
     if stem in ("conv", "cnn"):
         from .stem import use_conv_stem
 
-        use_conv_stem(encoder.model, backend, stem, width=stem_width, extra=stem_extra)
+        use_conv_stem(encoder.model, backend, stem, width=stem_width, extra=stem_extra, norm=stem_norm,
+                      init=stem_init)
         encoder.stem, encoder.stem_width, encoder.stem_extra = stem, stem_width, stem_extra
+        encoder.stem_norm, encoder.stem_init = stem_norm, stem_init
+    elif stem_norm or stem_init != "torch":
+        raise ValueError("stem_norm / stem_init are for a convolutional stem: set stem='conv' or 'cnn'")
     elif stem != "patch":
         raise ValueError(f"unknown stem {stem!r}: use 'patch', 'conv' or 'cnn'")
     if position_init == "sincos":

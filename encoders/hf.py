@@ -151,7 +151,9 @@ class HFVisionEncoder(VisionEncoder):
             "backend": self.backend,
             "stem": getattr(self, "stem", "patch"),
             **({"pool": self.pool} if getattr(self, "pool", None) else {}),
-            **({"stem_width": self.stem_width, "stem_extra": getattr(self, "stem_extra", 0)}
+            **({"stem_width": self.stem_width, "stem_extra": getattr(self, "stem_extra", 0),
+                **({"stem_norm": True} if getattr(self, "stem_norm", False) else {}),
+                **({"stem_init": self.stem_init} if getattr(self, "stem_init", "torch") != "torch" else {})}
                if getattr(self, "stem", "patch") != "patch" else {}),
             "config": architecture_kwargs(self.model.config),
             "image_mean": list(self.image_mean),

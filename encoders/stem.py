@@ -20,11 +20,23 @@ class ConvStem(nn.Module):
     receptive fields, ~3x the FLOPs of "conv" at 64 px / patch 8).
     ``extra``: that many more GELU + conv3x3 (stride 1) on the token grid, each widening every token's
     receptive field by two tokens (for "cnn" at patch 8: 17 px, then 33 px with one extra).
+    ``norm``: a LayerNorm over each token's channels at the end (as Swin's patch_norm). Without it the
+    convolutions' output grows ~20x in the first few hundred steps while the position embeddings added
+    after the stem stay ~0.02: trained tokens then no longer say where they are (a linear probe finds an
+    object's column 8-way 20% of the time, 99.8% at init). Normalised tokens keep content and position
+    on the same scale, so pair it with position embeddings of std ~0.5-1 (``position_scale``).
+    ``init``: "torch" keeps PyTorch's default conv init (uniform, gain 1/sqrt(3)), under which each
+    conv + GELU shrinks the signal: at 64 px / patch 8 the "cnn" stem's output is ~0.02 for inputs of
+    std ~1, every GELU runs in its linear range, and shape (a nonlinear feature) is learned late.
+    "kaiming" draws He-normal weights for GELU/ReLU (std sqrt(2 / fan_in)) and zero biases, which keep
+    the signal's scale through the stack.
     """
 
     def __init__(self, hidden: int, patch: int, in_channels: int = 3, width: int = 32, kind: str = "conv",
-                 extra: int = 0):
+                 extra: int = 0, norm: bool = False, init: str = "torch"):
         super().__init__()
+        if init not in ("torch", "kaiming"):
+            raise ValueError(f"unknown stem init {init!r}: use 'torch' or 'kaiming'")
         if kind not in ("conv", "cnn"):
             raise ValueError(f"unknown conv stem kind {kind!r}: use 'conv' or 'cnn'")
         n = int(math.log2(patch))
@@ -42,16 +54,26 @@ class ConvStem(nn.Module):
         for _ in range(extra):
             layers += [nn.GELU(), nn.Conv2d(hidden, hidden, 3, padding=1)]
         self.layers = nn.Sequential(*layers)
+        self.norm = nn.LayerNorm(hidden) if norm else None
+        if init == "kaiming":
+            for m in self.layers:
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                    nn.init.zeros_(m.bias)
 
     @property
     def weight(self):  # transformers' ViT reads projection.weight.dtype to cast its input
         return self.layers[-1].weight
 
     def forward(self, x):
-        return self.layers(x)  # (B, hidden, H / patch, W / patch)
+        x = self.layers(x)  # (B, hidden, H / patch, W / patch)
+        if self.norm is not None:
+            x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return x
 
 
-def use_conv_stem(model, backend: str, kind: str = "conv", width: int = 32, extra: int = 0) -> None:
+def use_conv_stem(model, backend: str, kind: str = "conv", width: int = 32, extra: int = 0,
+                  norm: bool = False, init: str = "torch") -> None:
     """Swap the patchify conv of a Hugging Face ViT for a ConvStem (random weights)."""
     if backend != "vit":
         raise ValueError(f"stem={kind!r} is available for the vit backend, not {backend!r}")
@@ -59,7 +81,7 @@ def use_conv_stem(model, backend: str, kind: str = "conv", width: int = 32, extr
     if width < 1:
         raise ValueError(f"stem_width must be a positive channel count, got {width}")
     stem = ConvStem(model.config.hidden_size, model.config.patch_size, model.config.num_channels, width=width,
-                    kind=kind, extra=extra)
+                    kind=kind, extra=extra, norm=norm, init=init)
     for m in stem.modules():
         m._is_hf_initialized = True  # keep PyTorch's fan-in init: ViT's std-0.02 init would shrink the signal 100x
     pe.projection = stem

@@ -63,9 +63,48 @@ class ResamplerAdapter(nn.Module):
         return self.ln_out(q)  # (B, K, Dt)
 
 
+class WithPositions(nn.Module):
+    """An adapter whose output patch tokens get fixed 2-D sin-cos position codes added, DETR-style, so
+    the decoder's cross-attention keys say where each token is however the encoder's features grew.
+    The codes are `scale` times the output tokens' RMS (measured on the fly, not differentiated):
+    a fixed share of the signal. A leading CLS token (N = 1 + g*g) gets none. No weights."""
+
+    def __init__(self, inner: nn.Module, scale: float):
+        super().__init__()
+        if scale <= 0:
+            raise ValueError(f"adapter positions must be a positive share of the token scale, got {scale}")
+        self.inner, self.scale = inner, float(scale)
+        self._codes: dict[tuple, torch.Tensor] = {}
+
+    def codes(self, n: int, dim: int, device, dtype) -> tuple[int, torch.Tensor]:
+        g = round(n**0.5)
+        skip = 0 if g * g == n else 1
+        g = round((n - skip) ** 0.5)
+        if g * g != n - skip:
+            raise ValueError(f"adapter positions need a square token grid, got {n} tokens")
+        key = (n, dim, device, dtype)
+        if key not in self._codes:
+            from encoders.stem import sincos_2d
+
+            c = sincos_2d(g, dim)  # (g*g, dim)
+            self._codes[key] = (c / c.pow(2).mean().sqrt()).to(device=device, dtype=dtype)
+        return skip, self._codes[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, Dv) -> (B, N, Dt)
+        y = self.inner(x)
+        skip, code = self.codes(y.shape[1], y.shape[2], y.device, y.dtype)
+        rms = y[:, skip:].detach().pow(2).mean(dim=(1, 2), keepdim=True).sqrt()  # (B, 1, 1)
+        pos = self.scale * rms * code  # (B, g*g, Dt)
+        return torch.cat([y[:, :skip], y[:, skip:] + pos], dim=1) if skip else y + pos
+
+
 def build_adapter(spec: dict, in_dim: int, out_dim: int) -> nn.Module:
     kind = spec.get("type", "mlp")
-    extra = {k: v for k, v in spec.items() if k != "type"}
+    extra = {k: v for k, v in spec.items() if k not in ("type", "positions")}
+    if spec.get("positions"):
+        if kind not in ("linear", "mlp"):
+            raise ValueError(f"adapter positions are for the token-wise adapters (linear, mlp), not {kind!r}")
+        return WithPositions(build_adapter({"type": kind, **extra}, in_dim, out_dim), spec["positions"])
     if kind == "linear":
         return LinearAdapter(in_dim, out_dim)
     if kind == "mlp":

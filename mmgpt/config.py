@@ -46,6 +46,10 @@ class MMGPTConfig(PreTrainedConfig):
     # scale of the contrastive gradient that flows into the shared decoder through the text embedding
     # (1 = plain; below 1 the decoder learns mostly from the LM loss, the text projection fully from ITC)
     itc_text_grad_scale: float = 1.0
+    # weight of the bag-of-words loss: from the mean of the image tokens the decoder reads, a yes/no
+    # prediction per vocabulary token of whether its caption holds it (binary cross-entropy summed over
+    # the vocabulary). A direct signal into every image token from step one; 0 = off (no `bow_head`)
+    bow_weight: float = 0.0
     vision_pretrained: str | None = None
     text_pretrained: str | None = None
     tokenizer: dict | None = None

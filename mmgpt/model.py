@@ -7,6 +7,7 @@ Fusion `cross_attention`: a GPT-2 decoder whose blocks cross-attend to the adapt
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ class MMGPTOutput(ModelOutput):
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     itc_loss: torch.Tensor | None = None
+    bow_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # (B, T, V)
     image_embeds: torch.Tensor | None = None  # (B_img, E), L2-normed
     text_embeds: torch.Tensor | None = None  # (B_itc, E), L2-normed
@@ -90,7 +92,8 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         self.vision = vision or build_encoder(
             config.vision["backend"], config=config.vision.get("config") or {}, attn_implementation=attn,
             stem=config.vision.get("stem", "patch"), stem_width=config.vision.get("stem_width", 32),
-            stem_extra=config.vision.get("stem_extra", 0),
+            stem_extra=config.vision.get("stem_extra", 0), stem_norm=config.vision.get("stem_norm", False),
+            stem_init=config.vision.get("stem_init", "torch"),
             position_init=config.vision.get("position_init", "learned"),
             position_scale=config.vision.get("position_scale", 0.02), pool=config.vision.get("pool"),
         )
@@ -122,7 +125,11 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         # The CoCa split reads the text embedding mid-decoder, before ln_f: give it its own norm.
         self.text_norm = nn.LayerNorm(dt) if self.k > 0 else None
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+        # bag-of-words head (training aid): mean image token -> which vocabulary tokens the caption holds
+        self.bow_head = nn.Linear(dt, tcfg.vocab_size) if config.bow_weight > 0 else None
         self.post_init()
+        if self.bow_head is not None:  # start every token at a small prior, not at p = 0.5
+            nn.init.constant_(self.bow_head.bias, -math.log(tcfg.vocab_size))
 
     # --- parts -----------------------------------------------------------------------------------
 
@@ -312,7 +319,7 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             memory = encoder_hidden_states
 
         tapped = None
-        lm_loss = itc_loss = image_embeds = text_embeds = None
+        lm_loss = itc_loss = bow_loss = image_embeds = text_embeds = None
         if return_logits is None:
             return_logits = not (self.training and labels is not None)
         if self.uses_prefix:
@@ -367,21 +374,41 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             itc_loss = contrastive_loss(image_embeds, text_embeds, logit_scale, groups,
                                         negatives=neg_embeds, negative_owner=itc_negative_owner)
 
+        if self.bow_head is not None and labels is not None and cfg.bow_weight > 0 and pooled is not None:
+            bow_loss = self._bow_loss(feats.tokens, labels, image_index, itc_mask)
+
         loss = None
-        if lm_loss is not None:
-            loss = cfg.lm_weight * lm_loss
-        if itc_loss is not None:
-            loss = cfg.itc_weight * itc_loss if loss is None else loss + cfg.itc_weight * itc_loss
+        for part, w in ((lm_loss, cfg.lm_weight), (itc_loss, cfg.itc_weight), (bow_loss, cfg.bow_weight)):
+            if part is not None:
+                loss = w * part if loss is None else loss + w * part
         return MMGPTOutput(
             loss=loss,
             lm_loss=lm_loss,
             itc_loss=itc_loss,
+            bow_loss=bow_loss,
             logits=logits,
             image_embeds=image_embeds,
             text_embeds=text_embeds,
             logit_scale=logit_scale,
             cache=cache if use_cache else None,
         )
+
+    def _bow_loss(self, tokens, labels, image_index, itc_mask):
+        """Bag of words: for every vocabulary entry, a binary cross-entropy on whether the image's caption
+        rows (`itc_mask`; all rows when None) hold that target token, from bow_head(mean image token);
+        summed over the vocabulary, averaged over the rows. Each token is its own yes/no task, so a
+        word that tells images apart (a shape name) is not crowded out by the frequent ones."""
+        rows = itc_mask.bool() if itc_mask is not None else torch.ones(labels.shape[0], dtype=torch.bool,
+                                                                         device=labels.device)
+        img = image_index[rows] if image_index is not None else rows.nonzero().squeeze(1)  # (b,)
+        lab = labels[rows]  # (b, T)
+        if lab.shape[0] == 0:
+            return None
+        bag = torch.zeros(lab.shape[0], self.bow_head.out_features, device=lab.device)
+        keep = lab != -100
+        bag[torch.arange(lab.shape[0], device=lab.device)[:, None].expand_as(lab)[keep], lab[keep]] = 1.0
+        logits = self.bow_head(tokens.mean(1)[img]).float()  # (b, V)
+        return F.binary_cross_entropy_with_logits(logits, bag, reduction="sum") / lab.shape[0]
 
     # --- generation ------------------------------------------------------------------------------
 

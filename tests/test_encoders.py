@@ -331,3 +331,49 @@ def test_mean_pool_option_pools_patch_tokens_without_cls():
     assert "pool" not in build_encoder("vit", {**TINY}).config_dict()
     with pytest.raises(ValueError, match="pool"):
         build_encoder("vit", {**TINY}, pool="max")
+
+
+def test_stem_norm_normalises_each_token_and_round_trips():
+    from encoders.stem import ConvStem
+
+    enc = build_encoder("vit", {**TINY}, stem="cnn", stem_width=8, stem_norm=True).eval()
+    stem = enc.model.embeddings.patch_embeddings.projection
+    assert isinstance(stem, ConvStem) and stem.norm is not None
+    px = torch.randn(2, 3, TINY["image_size"], TINY["image_size"]) * 7
+    with torch.no_grad():
+        raw = stem.layers(px)  # (B, D, g, g) before the norm
+        out = stem(px)
+        fast = enc.infer(px).patch_tokens
+    want = (raw - raw.mean(1, keepdim=True)) / torch.sqrt(raw.var(1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)  # per token over channels, at the LN's init
+    torch.testing.assert_close(fast, enc(px).patch_tokens, rtol=1e-4, atol=1e-4)  # fused inference path too
+    cfg = json.loads(json.dumps(enc.config_dict()))
+    assert cfg["stem_norm"] is True
+    again = build_encoder(**cfg)
+    again.load_state_dict(enc.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again.eval()(px).patch_tokens, enc(px).patch_tokens)
+    assert "stem_norm" not in build_encoder("vit", {**TINY}, stem="cnn").config_dict()
+    with pytest.raises(ValueError, match="stem_norm"):
+        build_encoder("vit", {**TINY}, stem_norm=True)
+
+
+def test_stem_init_kaiming_keeps_the_signal_scale_and_round_trips():
+    from encoders.stem import ConvStem
+
+    torch.manual_seed(0)
+    he = ConvStem(64, 8, width=32, kind="cnn", init="kaiming")
+    plain = ConvStem(64, 8, width=32, kind="cnn")
+    for conv in (m for m in he.layers if isinstance(m, torch.nn.Conv2d)):
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert abs(conv.weight.std().item() / math.sqrt(2 / fan_in) - 1) < 0.1, conv
+        assert torch.count_nonzero(conv.bias) == 0
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        assert 0.3 < he(x).std().item() < 3.0  # He init: about the input's scale after four conv + GELU
+        assert plain(x).std().item() < 0.1  # PyTorch's default: the signal shrinks ~3x per layer
+    enc = build_encoder("vit", {**TINY}, stem="cnn", stem_width=8, stem_init="kaiming")
+    cfg = json.loads(json.dumps(enc.config_dict()))
+    assert cfg["stem_init"] == "kaiming" and build_encoder(**cfg).stem_init == "kaiming"
+    with pytest.raises(ValueError, match="stem init"):
+        ConvStem(64, 8, init="xavier")

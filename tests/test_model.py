@@ -288,3 +288,61 @@ def test_itc_text_grad_scale_scales_only_the_decoder_side_of_the_contrastive_gra
     torch.testing.assert_close(scaled["image_proj.weight"], full["image_proj.weight"])  # the image side
     wte = "decoder.transformer.wte.weight"
     torch.testing.assert_close(scaled[wte], 0.1 * full[wte], rtol=1e-4, atol=1e-7)  # the shared decoder
+
+
+def test_bow_loss_equals_hand_computed_per_token_cross_entropy_on_caption_rows():
+    torch.manual_seed(5)
+    model = make_model(seed=2, bow_weight=0.7).train()
+    assert make_model(bow_weight=0.0).bow_head is None  # off: no extra weights in the checkpoint
+    pixels = torch.randn(2, 3, 32, 32)
+    ids = torch.tensor([[0, 5, 6, 5, 1], [0, 7, 8, 1, 1], [0, 9, 10, 11, 1]])  # rows 0, 1: captions; 2: a question
+    labels = ids.clone()
+    labels[1, 4] = -100  # padding
+    labels[2, :3] = -100  # the question part of a VQA row
+    image_index, itc_mask = torch.tensor([0, 1, 0]), torch.tensor([True, True, False])
+    out = model(input_ids=ids, attention_mask=(labels != -100).long() | (ids != 1).long(), pixel_values=pixels,
+                labels=labels, image_index=image_index, itc_mask=itc_mask)
+    tokens = model.encode_image(pixels).tokens  # (2, K, D): what the decoder reads
+    assert torch.allclose(model.bow_head.bias, torch.full((120,), -math.log(120)))  # a small prior at init
+    z = model.bow_head(tokens.mean(1)).detach()  # (2, V)
+    bags = [[0, 5, 6, 1], [0, 7, 8, 1]]  # target tokens of each caption row (5 counted once)
+    want = 0.0
+    for i, bag in enumerate(bags):
+        for v in range(120):
+            want = want - (math.log(torch.sigmoid(z[i, v])) if v in bag else math.log(1 - torch.sigmoid(z[i, v])))
+    want = torch.tensor(want / 2)
+    torch.testing.assert_close(out.bow_loss, want)
+    torch.testing.assert_close(out.loss, out.lm_loss + out.itc_loss + 0.7 * out.bow_loss)
+    model.config.lm_weight = model.config.itc_weight = 0.0  # the bag alone still trains the encoder
+    model(input_ids=ids, pixel_values=pixels, labels=labels, image_index=image_index, itc_mask=itc_mask).loss.backward()
+    assert model.bow_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision.parameters() if p.ndim == 2)
+
+
+def test_adapter_positions_add_fixed_sincos_codes_at_a_share_of_the_token_scale():
+    from encoders.stem import sincos_2d
+    from mmgpt.adapter import MLPAdapter, build_adapter
+
+    torch.manual_seed(0)
+    plain = build_adapter({"type": "mlp"}, 48, 64)
+    with_pos = build_adapter({"type": "mlp", "positions": 0.5}, 48, 64)
+    with_pos.inner.load_state_dict(plain.state_dict())
+    assert isinstance(with_pos.inner, MLPAdapter) and not list(with_pos.state_dict().keys() - {
+        "inner." + k for k in plain.state_dict()})  # no weights of its own
+    x = torch.randn(2, 1 + 16, 48)  # CLS + a 4x4 grid
+    y, y0 = with_pos(x), plain(x)
+    torch.testing.assert_close(y[:, 0], y0[:, 0])  # CLS: no position
+    code = sincos_2d(4, 64)
+    code = code / code.pow(2).mean().sqrt()
+    for b in range(2):
+        rms = y0[b, 1:].pow(2).mean().sqrt()
+        torch.testing.assert_close(y[b, 1:], y0[b, 1:] + 0.5 * rms * code)
+    y.sum().backward()  # the scale is not differentiated: the gradient is the plain adapter's
+    g = with_pos.inner.fc2.weight.grad.clone()
+    y0.sum().backward()
+    torch.testing.assert_close(g, plain.fc2.weight.grad)
+    with pytest.raises(ValueError, match="token-wise"):
+        build_adapter({"type": "resampler", "positions": 0.5}, 48, 64)
+    model = make_model(adapter={"type": "linear", "positions": 0.3})  # in a model: round trip via config
+    assert model.adapter.scale == 0.3 and model(input_ids=torch.zeros(1, 3, dtype=torch.long),
+                                                pixel_values=torch.randn(1, 3, 32, 32)).logits.shape == (1, 3, 120)

@@ -42,6 +42,8 @@ class ObjectivesConfig:
     # ramp the contrastive weight linearly from 0 over the first N optimizer steps: the shared decoder
     # (the text tower) changes fastest then, and contrastive steps against its moving target are noise
     itc_warmup_steps: int = 0
+    # bag-of-words loss on the caption rows (see MMGPTConfig.bow_weight); 0 = off
+    bow_weight: float = 0.0
     label_smoothing: float = 0.0
     itc_duplicate_positives: bool = True  # identical captions are positives of each other
 

@@ -74,6 +74,7 @@ def build_model_for(cfg: TrainConfig, train_set):
     mc = MMGPTConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
     mc.itc_weight, mc.lm_weight = cfg.objectives.itc_weight, cfg.objectives.lm_weight
     mc.label_smoothing = cfg.objectives.label_smoothing
+    mc.bow_weight = cfg.objectives.bow_weight
     texts = None if mc.text_pretrained else _tokenizer_texts(train_set, cfg.model.tokenizer_texts)
     return build_model(mc, texts=texts, attn_implementation=cfg.model.attn_implementation)
 
@@ -235,6 +236,7 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
                     "loss": loss.item(),
                     "lm_loss": outputs.lm_loss.item() if outputs.lm_loss is not None else None,
                     "itc_loss": outputs.itc_loss.item() if outputs.itc_loss is not None else None,
+                    "bow_loss": outputs.bow_loss.item() if outputs.bow_loss is not None else None,
                     "lr": scheduler.get_last_lr()[0],
                     # before clipping; a spike here is what precedes a contrastive collapse
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
