@@ -49,6 +49,7 @@ def contrastive_loss(
     label_smoothing: float = 0.0,
     negatives: torch.Tensor | None = None,
     negative_owner: torch.Tensor | None = None,
+    images: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP, Radford et al. 2021) over the global batch.
 
@@ -61,18 +62,36 @@ def contrastive_loss(
     negatives: optional (n, E) L2-normalised hard-negative texts (a caption with one detail changed,
     NegCLIP-style), negative_owner: (n,) the local row (0..b-1) each one contradicts. They join the
     image-to-text softmax of their own image only, as extra wrong answers.
+    images: optional (b,) integer ids of each row's image, for several texts per image (a caption and
+    question+answer texts): with `groups` as text ids, row i's image and row j's text are a positive
+    pair when some row of image(i) carries text(j) (the text is true of that image); without `groups`,
+    when image(i) == image(j).
     """
     img, offset = gather_with_grad(image_embeds)  # (B, E)
     txt, _ = gather_with_grad(text_embeds)  # (B, E)
     logits = logit_scale * img @ txt.t()  # (B, B) image -> text
-    if groups is None:
+    t2i_target = None
+    if images is not None:
+        gi, _ = gather_with_grad(images.unsqueeze(1), grad=False)  # (B, 1)
+        same_img = (gi == gi.t()).float()  # (B, B) [i, k]: rows i and k show the same image
+        if groups is None:
+            pos = same_img > 0
+        else:
+            g, _ = gather_with_grad(groups.unsqueeze(1), grad=False)  # (B, 1)
+            pos = (same_img @ (g == g.t()).float()) > 0  # [i, j]: some row k of image(i) has text(j)
+        pos = pos.float()
+        labels = None
+        target = pos / pos.sum(dim=1, keepdim=True)  # image -> text
+        t2i_target = pos.t() / pos.t().sum(dim=1, keepdim=True)  # text -> image
+    elif groups is None:
         labels = torch.arange(logits.shape[0], device=logits.device)
         target = None
     else:
         g, _ = gather_with_grad(groups.unsqueeze(1), grad=False)  # (B, 1)
         same = (g == g.t()).float()  # (B, B), symmetric
         target = same / same.sum(dim=1, keepdim=True)
-    t2i = F.cross_entropy(logits.t(), labels if target is None else target, label_smoothing=label_smoothing)
+    t2i = F.cross_entropy(logits.t(), labels if target is None else (target if t2i_target is None else t2i_target),
+                          label_smoothing=label_smoothing)
     if negatives is None or negative_owner is None:
         i2t = F.cross_entropy(logits, labels if target is None else target, label_smoothing=label_smoothing)
         return 0.5 * (i2t + t2i)

@@ -269,6 +269,7 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         image_index: torch.Tensor | None = None,
         itc_mask: torch.Tensor | None = None,
         itc_groups: torch.Tensor | None = None,
+        itc_images: torch.Tensor | None = None,
         itc_negative_ids: torch.Tensor | None = None,
         itc_negative_mask: torch.Tensor | None = None,
         itc_negative_owner: torch.Tensor | None = None,
@@ -288,6 +289,8 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         labels: (B, T) next-token targets aligned with input_ids (-100 = ignore); shifted here.
         itc_mask: (B,) bool, rows whose text is a caption of its image (ITC pairs); default: all rows
             when ITC is on. itc_groups: (B,) ids; equal ids mark identical captions (all positives).
+            itc_images: (B,) ids of each row's image, when an image brings several ITC texts (its
+            caption and question+answer texts): a text is then a positive of every image it is true of.
         itc_negative_ids, itc_negative_mask: (N, Tn) hard-negative texts (a caption with one detail
             changed), tokenized like captions; itc_negative_owner: (N,) which ITC pair each contradicts
             (0 = the first row of itc_mask). They are extra wrong answers in that image's
@@ -366,13 +369,14 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
                 text_hidden = self._image_free_hidden(input_ids[rows], am)  # (b, T, Dt), image-free pass
             text_embeds = self._text_embedding(_scale_grad(text_hidden, cfg.itc_text_grad_scale), am)  # (b, E)
             groups = itc_groups[rows] if itc_groups is not None else None
+            images = itc_images[rows] if itc_images is not None else None
             neg_embeds = None
             if itc_negative_ids is not None and itc_negative_ids.shape[0] > 0:
                 neg_hidden = self._image_free_hidden(itc_negative_ids, itc_negative_mask)  # (N, Tn, Dt)
                 neg_embeds = self._text_embedding(_scale_grad(neg_hidden, cfg.itc_text_grad_scale),
                                                   itc_negative_mask)  # (N, E)
             itc_loss = contrastive_loss(image_embeds, text_embeds, logit_scale, groups,
-                                        negatives=neg_embeds, negative_owner=itc_negative_owner)
+                                        negatives=neg_embeds, negative_owner=itc_negative_owner, images=images)
 
         if self.bow_head is not None and labels is not None and cfg.bow_weight > 0 and pooled is not None:
             bow_loss = self._bow_loss(feats.tokens, labels, image_index, itc_mask)

@@ -346,3 +346,22 @@ def test_adapter_positions_add_fixed_sincos_codes_at_a_share_of_the_token_scale(
     model = make_model(adapter={"type": "linear", "positions": 0.3})  # in a model: round trip via config
     assert model.adapter.scale == 0.3 and model(input_ids=torch.zeros(1, 3, dtype=torch.long),
                                                 pixel_values=torch.randn(1, 3, 32, 32)).logits.shape == (1, 3, 120)
+
+
+def test_itc_with_question_texts_uses_every_image_a_text_is_true_of():
+    torch.manual_seed(11)
+    img = F.normalize(torch.randn(2, 8), dim=-1)  # images A, B
+    txt = F.normalize(torch.randn(4, 8), dim=-1)  # rows: A caption, A question, B caption, B same question
+    images = torch.tensor([7, 7, 9, 9])
+    groups = torch.tensor([1, 5, 2, 5])  # rows 1 and 3 carry the identical text "q"
+    scale = torch.tensor(3.0)
+    got = contrastive_loss(img[[0, 0, 1, 1]], txt, scale, groups, images=images)
+    # by hand: pos[i, j] = text j is one of image(i)'s texts
+    pos = torch.tensor([[1, 1, 0, 1], [1, 1, 0, 1], [0, 1, 1, 1], [0, 1, 1, 1]], dtype=torch.float)
+    logits = scale * img[[0, 0, 1, 1]] @ txt.t()
+    i2t = -sum((pos[i] / pos[i].sum() * F.log_softmax(logits[i], 0)).sum() for i in range(4)) / 4
+    t2i = -sum((pos[:, j] / pos[:, j].sum() * F.log_softmax(logits[:, j], 0)).sum() for j in range(4)) / 4
+    torch.testing.assert_close(got, 0.5 * (i2t + t2i))
+    # one caption per image: the same loss as the plain groups form
+    two = contrastive_loss(img, txt[[0, 2]], scale, groups[[0, 2]], images=images[[0, 2]])
+    torch.testing.assert_close(two, contrastive_loss(img, txt[[0, 2]], scale, groups[[0, 2]]))

@@ -108,7 +108,7 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path):
     assert steps[-1] == 10
 
 
-@pytest.mark.parametrize("hard_negatives", [False, True])
+@pytest.mark.parametrize("hard_negatives", [False, True, "questions"])
 def test_two_processes_give_the_itc_loss_and_gradients_of_one(tmp_path, hard_negatives):
     if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("accelerate launcher not installed")
@@ -128,7 +128,9 @@ def test_two_processes_give_the_itc_loss_and_gradients_of_one(tmp_path, hard_neg
     caps = ["a red circle", "a blue square", "a green triangle", "a red one", "a blue circle", "a green square"]
     batch = proc.batch_examples(["caption"] * 6, [""] * 6, caps)
     batch["pixel_values"] = torch.randn(6, 3, 32, 32)
-    if hard_negatives:  # uneven: rank 0's rows own 3 negatives, rank 1's own 1
+    if hard_negatives == "questions":  # several texts per image, one image spanning both ranks (rows 2, 3)
+        batch.update(itc_images=torch.tensor([7, 7, 8, 8, 9, 10]), itc_groups=torch.tensor([1, 2, 3, 4, 5, 1]))
+    elif hard_negatives:  # uneven: rank 0's rows own 3 negatives, rank 1's own 1
         negs = ["a blue circle", "a red square", "a green circle", "a red circle"]
         neg = proc.batch_examples(["caption"] * 4, [""] * 4, negs)
         batch.update(itc_negative_ids=neg["input_ids"], itc_negative_mask=neg["attention_mask"],
@@ -196,3 +198,25 @@ def test_collator_points_each_hard_negative_at_its_caption_row():
     assert batch["itc_negative_owner"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     first = proc.batch_texts([caps[3]["negatives"][1]])["input_ids"][0]
     assert batch["itc_negative_ids"][7, : len(first)].tolist() == first.tolist()
+
+
+def test_collator_itc_questions_puts_every_row_in_itc_with_its_image_id():
+    import zlib
+
+    from mmgpt import build_model
+    from train.collate import Collator
+    from train.data.shapes import ShapesDataset
+
+    ds = ShapesDataset("train", 4, task_mix={"caption": 1, "vqa": 2}, grouped=True)
+    rows = [r for i in range(4) for r in ds[i]]
+    _, proc = build_model("tiny", texts=[r["target"] for r in rows] + [r.get("prompt", "") for r in rows])
+    plain = Collator(proc)([ds[i] for i in range(4)])
+    batch = Collator(proc, itc_questions=True)([ds[i] for i in range(4)])
+    assert "itc_images" not in plain and plain["itc_mask"].sum() == 4
+    assert batch["itc_mask"].all() and batch["itc_mask"].shape[0] == len(rows)
+    img = batch["itc_images"].tolist()
+    assert img == [img[3 * (k // 3)] for k in range(len(rows))] and len(set(img)) == 4  # 3 rows per image
+    for k, r in enumerate(rows):
+        text = f"{r['prompt']} {r['target']}" if r["task"] == "vqa" else r["target"]
+        assert batch["itc_groups"][k] == zlib.crc32(text.strip().lower().encode()) & 0x7FFFFFFF
+    torch.testing.assert_close(batch["itc_groups"][0], plain["itc_groups"][0])  # captions keep their ids

@@ -6,6 +6,7 @@ so a caption and several questions about one image cost one encoder pass.
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import torch
@@ -25,7 +26,9 @@ def _group(items: list) -> tuple[list[list[dict]], list]:
 
 
 class Collator:
-    def __init__(self, processor, train: bool = True, augment: bool = False):
+    def __init__(self, processor, train: bool = True, augment: bool = False, itc_questions: bool = False):
+        # itc_questions: question+answer rows join ITC too (their full text), with `itc_images` ids
+        self.itc_questions = itc_questions
         self.processor = processor
         self.train = train
         self.augment = augment
@@ -49,14 +52,16 @@ class Collator:
                         negatives.append(neg)
                         neg_prompts.append(r.get("prompt", ""))
                         neg_owner.append(n_itc)  # index among this batch's ITC rows
-                itc.append(r["task"] == "caption")
+                itc.append(r["task"] == "caption" or (self.itc_questions and r["task"] == "vqa"))
                 n_itc += itc[-1]
         batch = {"bad": bad, "num_images": len(pixels), "num_rows": len(tasks), "image_ids": image_ids}
         if not pixels:
             return batch
         text = p.batch_examples(tasks, prompts, targets)
         # Caption ids for ITC: equal captions share a group (stable across processes: crc32, not hash()).
-        groups_ids = [zlib.crc32(t.strip().lower().encode()) & 0x7FFFFFFF for t in targets]
+        # With question rows the text is question + answer ("what color is the circle? red").
+        itc_texts = [f"{pr} {t}" if task == "vqa" else t for task, pr, t in zip(tasks, prompts, targets)]
+        groups_ids = [zlib.crc32(t.strip().lower().encode()) & 0x7FFFFFFF for t in itc_texts]
         batch.update(
             pixel_values=p.pixel_values(pixels, train=self.train and self.augment),  # (B_img, 3, S, S)
             image_index=torch.tensor(image_index),  # (B,)
@@ -64,6 +69,10 @@ class Collator:
             itc_groups=torch.tensor(groups_ids),  # (B,)
             **text,  # input_ids, attention_mask, labels: (B, T)
         )
+        if self.itc_questions:
+            keys = [zlib.crc32(str(i if i is not None else ("#", k, os.getpid())).encode()) & 0x7FFFFFFF
+                    for k, i in enumerate(image_ids)]
+            batch["itc_images"] = torch.tensor([keys[i] for i in image_index])  # (B,)
         if negatives:
             neg = p.batch_examples(["caption"] * len(negatives), neg_prompts, negatives)
             batch.update(
@@ -74,5 +83,6 @@ class Collator:
         return batch
 
 
-MODEL_KEYS = ("pixel_values", "image_index", "itc_mask", "itc_groups", "input_ids", "attention_mask", "labels",
+MODEL_KEYS = ("pixel_values", "image_index", "itc_mask", "itc_groups", "itc_images", "input_ids", "attention_mask",
+              "labels",
               "itc_negative_ids", "itc_negative_mask", "itc_negative_owner")  # the last three when present

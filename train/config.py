@@ -42,6 +42,9 @@ class ObjectivesConfig:
     # ramp the contrastive weight linearly from 0 over the first N optimizer steps: the shared decoder
     # (the text tower) changes fastest then, and contrastive steps against its moving target are noise
     itc_warmup_steps: int = 0
+    # question+answer texts join the contrastive loss as well as captions ("what shape is the blue
+    # object? square" is true of its image and of images with the same text)
+    itc_questions: bool = False
     # bag-of-words loss on the caption rows (see MMGPTConfig.bow_weight); 0 = off
     bow_weight: float = 0.0
     label_smoothing: float = 0.0

@@ -113,7 +113,7 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
     train_set = build_sources(cfg.data.train)
     model, processor = build_model_for(cfg, train_set)
     apply_freezing_and_lora(model, cfg)
-    collate = Collator(processor, train=True, augment=cfg.data.augment)
+    collate = Collator(processor, train=True, augment=cfg.data.augment, itc_questions=cfg.objectives.itc_questions)
     g = torch.Generator()
     g.manual_seed(cfg.seed)
     # A data set that sets `ordered` (a curriculum over independent random items) is read in order.
