@@ -398,8 +398,9 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         )
 
     def _bow_loss(self, tokens, labels, image_index, itc_mask):
-        """Bag of words: for every vocabulary entry, a binary cross-entropy on whether the image's caption
-        rows (`itc_mask`; all rows when None) hold that target token, from bow_head(mean image token);
+        """Bag of words: for every vocabulary entry, a binary cross-entropy on whether the image's ITC rows
+        (`itc_mask`: its caption, plus answers with itc_questions; all rows when None) hold that target
+        token, from bow_head(mean image token);
         summed over the vocabulary, averaged over the rows. Each token is its own yes/no task, so a
         word that tells images apart (a shape name) is not crowded out by the frequent ones."""
         rows = itc_mask.bool() if itc_mask is not None else torch.ones(labels.shape[0], dtype=torch.bool,
