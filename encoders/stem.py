@@ -24,7 +24,9 @@ class ConvStem(nn.Module):
     convolutions' output grows ~20x in the first few hundred steps while the position embeddings added
     after the stem stay ~0.02: trained tokens then no longer say where they are (a linear probe finds an
     object's column 8-way 20% of the time, 99.8% at init). Normalised tokens keep content and position
-    on the same scale, so pair it with position embeddings of std ~0.5-1 (``position_scale``).
+    on the same scale when paired with larger position embeddings (``position_scale`` 0.1-0.5). In the
+    8-minute shapes demo that keeps the column readable but has not beaten the plain stem (see
+    configs/train/shapes-tiny.yaml).
     ``init``: "torch" keeps PyTorch's default conv init (uniform, gain 1/sqrt(3)), under which each
     conv + GELU shrinks the signal: at 64 px / patch 8 the "cnn" stem's output is ~0.02 for inputs of
     std ~1, every GELU runs in its linear range, and shape (a nonlinear feature) is learned late.
@@ -83,7 +85,7 @@ def use_conv_stem(model, backend: str, kind: str = "conv", width: int = 32, extr
     stem = ConvStem(model.config.hidden_size, model.config.patch_size, model.config.num_channels, width=width,
                     kind=kind, extra=extra, norm=norm, init=init)
     for m in stem.modules():
-        m._is_hf_initialized = True  # keep PyTorch's fan-in init: ViT's std-0.02 init would shrink the signal 100x
+        m._is_hf_initialized = True  # keep the stem's own init: ViT's std-0.02 init would shrink the signal 100x
     pe.projection = stem
 
 

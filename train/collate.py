@@ -83,6 +83,6 @@ class Collator:
         return batch
 
 
+# itc_images and the three itc_negative_* keys only when present in a batch
 MODEL_KEYS = ("pixel_values", "image_index", "itc_mask", "itc_groups", "itc_images", "input_ids", "attention_mask",
-              "labels",
-              "itc_negative_ids", "itc_negative_mask", "itc_negative_owner")  # the last three when present
+              "labels", "itc_negative_ids", "itc_negative_mask", "itc_negative_owner")
