@@ -36,7 +36,12 @@ def test_unknown_key_names_the_key_and_the_nearest_valid_one(tmp_path):
     cfg = load_config(ROOT / "configs/train/shapes-tiny.yaml", ["optim.lr=5e-1", "model.overrides.unimodal_layers=1"])
     assert cfg.optim.lr == 0.5 and isinstance(cfg.optim.lr, float)
     with pytest.raises(ConfigError, match="optim.lr: expected a number"):
-        load_config(None, ["optim.lr=fast"]) and cfg.model.overrides["unimodal_layers"] == 1 and cfg.batch_size == 32
+        load_config(None, ["optim.lr=fast"])
+    assert cfg.model.overrides["unimodal_layers"] == 1 and cfg.batch_size == 32
+    # YAML reads a bare `no` as False; a string field gets the word back (Accelerate wants "no")
+    assert load_config(None, ["precision=no"]).precision == "no"
+    bad.write_text("precision: no\n")
+    assert load_config(bad).precision == "no"
 
 
 def test_main_trains_a_few_steps_and_exports_a_loadable_model(tmp_path):

@@ -143,6 +143,9 @@ def _build(cls, data: dict, where: str):
 def _coerce(value: Any, annotation, path: str) -> Any:
     """YAML reads `4e-3` as a string (it wants `4.0e-3`); numbers are numbers wherever a field says so."""
     args = set(getattr(annotation, "__args__", ())) or {annotation}
+    if isinstance(value, bool) and str in args and bool not in args:
+        # YAML 1.1 reads a bare no / yes / off / on as a bool: `precision: no` means the string
+        return "no" if value is False else "yes"
     if isinstance(value, str) and (float in args or int in args):
         try:
             return int(value) if int in args and float not in args else float(value)
