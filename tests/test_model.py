@@ -365,3 +365,47 @@ def test_itc_with_question_texts_uses_every_image_a_text_is_true_of():
     # one caption per image: the same loss as the plain groups form
     two = contrastive_loss(img, txt[[0, 2]], scale, groups[[0, 2]], images=images[[0, 2]])
     torch.testing.assert_close(two, contrastive_loss(img, txt[[0, 2]], scale, groups[[0, 2]]))
+
+
+@pytest.mark.parametrize("unimodal", [0, 1])
+def test_rows_sharing_an_image_match_the_per_row_memory_path(unimodal):
+    """Training rows that share images (image_index): keys/values projected once per image give the
+    loss and every gradient of the plain path, which cross-attends to memory[image_index] row by row."""
+    model = make_model(seed=4, unimodal_layers=unimodal).train()
+    torch.manual_seed(5)
+    pixels = torch.randn(3, 3, 32, 32)
+    image_index = torch.tensor([0, 0, 1, 2, 2, 2, 1])
+    ids = torch.randint(2, 120, (7, 6))
+    mask = torch.ones(7, 6, dtype=torch.long)
+    mask[4, 4:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    itc_mask = torch.tensor([True, False, True, True, False, False, False])
+
+    def run(shared: bool):
+        model.zero_grad(set_to_none=True)
+        kw = dict(input_ids=ids, attention_mask=mask, labels=labels, itc_mask=itc_mask)
+        if shared:
+            out = model(pixel_values=pixels, image_index=image_index, **kw)
+        else:  # the reference: each row gets its own copy of its image's memory, through the HF blocks
+            memory = model.encode_image(pixels).tokens[image_index]
+            hidden, _, _ = model.run_decoder(ids, mask, memory)
+            keep = labels[:, 1:] != -100
+            logits = model.decoder.lm_head(hidden[:, :-1][keep])
+            out = F.cross_entropy(logits, labels[:, 1:][keep])
+            out.backward()
+            return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        out.lm_loss.backward()
+        return out.lm_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_grads = run(False)
+    loss, grads = run(True)
+    assert torch.allclose(loss, ref_loss, atol=1e-6), (loss, ref_loss)
+    assert set(grads) == set(ref_grads)
+    for name, g in ref_grads.items():
+        assert torch.allclose(grads[name], g, atol=1e-6, rtol=1e-4), name
+    # the shared path really ran: the blocks' own cross-attention saw no per-row memory
+    seen = []
+    hook = model.decoder.transformer.h[-1].crossattention.register_forward_hook(lambda m, a, k: seen.append(1))
+    model(pixel_values=pixels, image_index=image_index, input_ids=ids, attention_mask=mask, labels=labels)
+    hook.remove()
+    assert not seen
