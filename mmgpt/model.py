@@ -68,8 +68,9 @@ def _block_with_shared_memory(block, h, mask, memory, memory_index, position_ids
     heads, hd = ca.num_heads, ca.head_dim
     q = ca.q_attn(block.ln_cross_attn(h)).view(b, t, heads, hd).transpose(1, 2)  # (B, H, T, hd)
     key, value = ca.c_attn(memory).split(ca.split_size, dim=2)  # (B_img, K, D) each
-    key = key.view(n_img, k, heads, hd).transpose(1, 2)[memory_index]  # (B, H, K, hd)
-    value = value.view(n_img, k, heads, hd).transpose(1, 2)[memory_index]
+    # index_select, not key[memory_index]: its backward (index_add_) is ~5x faster on CPU than index_put_
+    key = key.view(n_img, k, heads, hd).transpose(1, 2).index_select(0, memory_index)  # (B, H, K, hd)
+    value = value.view(n_img, k, heads, hd).transpose(1, 2).index_select(0, memory_index)
     out = F.scaled_dot_product_attention(q, key, value, dropout_p=ca.attn_dropout.p if ca.training else 0.0,
                                          scale=ca.scaling)
     out = ca.resid_dropout(ca.c_proj(out.transpose(1, 2).reshape(b, t, d)))
