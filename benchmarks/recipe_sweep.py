@@ -77,7 +77,8 @@ def run_one(name: str, out: Path, overrides: list[str], test_images: int) -> dic
 
 def row(r: dict) -> str:
     if "error" in r:
-        return f"| {r['name']} | error: {r['error'].strip().splitlines()[-1][:80]} |"
+        last = (r["error"].strip().splitlines() or ["(no output)"])[-1]
+        return f"| {r['name']} | error: {last[:80]} |"
 
     def g(key):
         v = r.get(key)
