@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -49,11 +50,8 @@ def run_one(name: str, out: Path, overrides: list[str], test_images: int) -> dic
     import torch
 
     torch.set_num_threads(1)  # the processes share the CPU; the GPU does the math
-    from mmgpt import MMGPTModel, MMGPTProcessor
     from train.config import load_config
-    from train.data import ShapesDataset
-    from train.demo import DEMO_CONFIG
-    from train.evaluate import evaluate
+    from train.demo import DEMO_CONFIG, evaluate_on_shapes_test
     from train.loop import run_training
 
     cfg = load_config(DEMO_CONFIG, [f"output_dir={out}", *FIXED, "data.eval_images=50", *overrides])
@@ -61,11 +59,8 @@ def run_one(name: str, out: Path, overrides: list[str], test_images: int) -> dic
     summary = run_training(cfg)
     train_s = time.time() - t0
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = MMGPTModel.from_pretrained(summary["model_dir"]).eval().to(device)
-    processor = MMGPTProcessor.from_pretrained(summary["model_dir"])
-    test = ShapesDataset("test", size=test_images, image_size=processor.image_size)
-    records = [r for i in range(test_images) for r in test.records_for_image(i)]
-    result = evaluate(model, processor, records, caption_scorers=(), batch_size=128)
+    model, result = evaluate_on_shapes_test(summary["model_dir"], test_images, device=device, caption_scorers=(),
+                                            batch_size=128)
     metrics = {k: round(v, 4) for k, v in result.metrics.items() if isinstance(v, (int, float))}
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     metrics.update(name=name, overrides=overrides, steps=summary["step"], train_s=round(train_s, 1),
@@ -125,6 +120,7 @@ def sweep(variants: dict[str, list[str]], out: Path, parallel: int, seconds: flo
         time.sleep(0.5)
     for name, (proc, work, log) in running.items():
         proc.kill()
+        log.close()
         print(f"| {name} | stopped at --seconds {seconds:.0f} |", flush=True)
     print("\n" + HEADER)
     for r in results:
@@ -138,6 +134,7 @@ def cpu_cost(variants: dict[str, list[str]], minutes: float = 8.0) -> dict[str, 
     for name, overrides in variants.items():
         overrides = [o for o in overrides if not o.startswith("max_steps=")]
         work = Path(os.environ.get("TMPDIR", "/tmp")) / "recipe_sweep_cpu" / name
+        shutil.rmtree(work, ignore_errors=True)  # metrics.jsonl appends: start clean
         code = ("import sys; from train.config import load_config; from train.demo import DEMO_CONFIG; "
                 "from train.loop import run_training; "
                 "run_training(load_config(DEMO_CONFIG, sys.argv[1:]))")

@@ -46,10 +46,22 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out_dir: str | Path, overrides: list[str] | None = None, test_images: int = 300) -> dict:
-    from train.config import load_config
+def evaluate_on_shapes_test(model_dir: str | Path, test_images: int = 300, device=None, **evaluate_kwargs):
+    """The demo's evaluation: the model in `model_dir` on the first `test_images` shapes test images
+    (captions, every question, retrieval). Returns (the model, `train.evaluate.EvalResult`)."""
+    from mmgpt import MMGPTModel, MMGPTProcessor
     from train.data import ShapesDataset
     from train.evaluate import evaluate
+
+    model = MMGPTModel.from_pretrained(model_dir).eval()
+    processor = MMGPTProcessor.from_pretrained(model_dir)
+    test = ShapesDataset("test", size=test_images, image_size=processor.image_size)
+    records = [r for i in range(test_images) for r in test.records_for_image(i)]
+    return model, evaluate(model, processor, records, device=device, **evaluate_kwargs)
+
+
+def run_demo(out_dir: str | Path, overrides: list[str] | None = None, test_images: int = 300) -> dict:
+    from train.config import load_config
     from train.loop import run_training
 
     out = Path(out_dir)
@@ -63,14 +75,8 @@ def run_demo(out_dir: str | Path, overrides: list[str] | None = None, test_image
         shutil.rmtree(model_dir)
     shutil.copytree(summary["model_dir"], model_dir)
 
-    from mmgpt import MMGPTModel, MMGPTProcessor
-
-    model = MMGPTModel.from_pretrained(model_dir).eval()
-    processor = MMGPTProcessor.from_pretrained(model_dir)
-    test = ShapesDataset("test", size=test_images, image_size=processor.image_size)
-    records = [r for i in range(test_images) for r in test.records_for_image(i)]
     t0 = time.time()
-    result = evaluate(model, processor, records)
+    _, result = evaluate_on_shapes_test(model_dir, test_images)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     metrics.update(train_seconds=summary["train_seconds"], train_steps=summary["step"],
                    eval_seconds=time.time() - t0, test_images=test_images)
