@@ -53,7 +53,10 @@ class ObjectivesConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw | muon (Muon on hidden weight matrices, AdamW on the rest: train/optim.py)
     lr: float = 1e-3
+    muon_lr: float | None = None  # Muon's matrices; None = the part's lr (Muon's update is AdamW-RMS-matched)
+    muon_momentum: float = 0.95
     weight_decay: float = 0.05
     betas: tuple = (0.9, 0.98)
     eps: float = 1e-8

@@ -122,8 +122,14 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
         collate_fn=collate,
         num_workers=cfg.data.num_workers, drop_last=True, persistent_workers=cfg.data.num_workers > 0,
     )
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps)
+    if cfg.optim.name == "muon":
+        from train.optim import MuonAdamW
+
+        optimizer = MuonAdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                              eps=cfg.optim.eps, momentum=cfg.optim.muon_momentum)
+    else:
+        optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                      eps=cfg.optim.eps)
     clock = None
     if cfg.time_schedule and cfg.max_minutes:
         budget_start = time.time()

@@ -11,8 +11,13 @@ from train.config import TrainConfig
 
 
 def param_groups(model, cfg: TrainConfig) -> list[dict]:
-    """AdamW groups: weight decay on 2-D weights only (nanoGPT), one learning rate per part."""
+    """Optimizer groups: weight decay on 2-D weights only (nanoGPT), one learning rate per part; with
+    `optim.name: muon` the hidden matrices form their own groups (`muon=True`)."""
+    from train.optim import wants_muon
+
     o = cfg.optim
+    if o.name not in ("adamw", "muon"):
+        raise ValueError(f"optim.name: {o.name!r} is not an optimizer mmgpt knows; use 'adamw' or 'muon'")
     part_lr = {"vision": o.lr_vision, "adapter": o.lr_adapter, "decoder": o.lr_decoder}
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
@@ -21,8 +26,13 @@ def param_groups(model, cfg: TrainConfig) -> list[dict]:
         part = name.split(".")[0]
         lr = part_lr.get(part) or o.lr
         decay = p.ndim >= 2 and "wpe" not in name and "position" not in name
-        key = (lr, decay)
+        muon = o.name == "muon" and wants_muon(name, p)
+        if muon and o.muon_lr is not None:
+            lr = o.muon_lr
+        key = (lr, decay, muon)
         g = groups.setdefault(key, {"params": [], "lr": lr, "weight_decay": o.weight_decay if decay else 0.0})
+        if o.name == "muon":
+            g["muon"] = muon
         g["params"].append(p)
     return list(groups.values())
 

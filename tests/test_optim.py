@@ -1,0 +1,84 @@
+"""`optim.name: muon`: the Muon rule against torch.optim.Muon, the AdamW rule against torch.optim.AdamW,
+which parameters take which rule, and a training run that uses it."""
+
+import pytest
+import torch
+
+from train.config import load_config
+from train.optim import MuonAdamW, orthogonalize, wants_muon
+from train.parts import param_groups
+
+
+def test_orthogonalize_flattens_the_spectrum_and_keeps_the_singular_vectors():
+    torch.manual_seed(0)
+    for shape in [(32, 80), (80, 32)]:
+        g = torch.randn(*shape) @ torch.diag(torch.logspace(-1, 1, shape[1]))  # spread 100x
+        o = orthogonalize(g)
+        s = torch.linalg.svdvals(o)
+        assert s.min() > 0.5 and s.max() < 1.3, s  # every direction moves at about the same rate
+        assert torch.linalg.svdvals(g).max() / torch.linalg.svdvals(g).min() > 20
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        cos = torch.nn.functional.cosine_similarity(o.flatten(), (u @ vh).flatten(), 0)
+        assert cos > 0.95
+    stack = torch.randn(3, 16, 40)
+    torch.testing.assert_close(orthogonalize(stack), torch.stack([orthogonalize(m) for m in stack]))
+
+
+def test_muon_groups_step_like_torch_muon_with_adamw_matched_scale():
+    torch.manual_seed(0)
+    ws = [torch.randn(48, 96), torch.randn(48, 96), torch.randn(96, 32)]  # a stack of two, and a tall one
+    ref = [torch.nn.Parameter(w.clone()) for w in ws]
+    mine = [torch.nn.Parameter(w.clone()) for w in ws]
+    o_ref = torch.optim.Muon(ref, lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    o_mine = MuonAdamW([{"params": mine, "muon": True, "weight_decay": 0.1}], lr=0.01)
+    for _ in range(4):
+        for a, b in zip(ref, mine):
+            g = torch.randn_like(a)
+            a.grad, b.grad = g.clone(), g.clone()
+        o_ref.step()
+        o_mine.step()
+        for w, a, b in zip(ws, ref, mine):
+            moved_ref, moved_mine = a.detach() - w, b.detach() - w
+            # torch runs Newton-Schulz in bf16, mine in fp32: ~1% apart
+            assert (moved_ref - moved_mine).norm() / moved_ref.norm() < 0.03
+
+
+def test_adamw_groups_step_exactly_like_torch_adamw():
+    torch.manual_seed(0)
+    ps = [torch.randn(16, 8), torch.randn(8)]
+    ref = [torch.nn.Parameter(p.clone()) for p in ps]
+    mine = [torch.nn.Parameter(p.clone()) for p in ps]
+    o_ref = torch.optim.AdamW([{"params": [ref[0]], "weight_decay": 0.05}, {"params": [ref[1]], "weight_decay": 0.0}],
+                              lr=3e-3, betas=(0.9, 0.98), eps=1e-8)
+    o_mine = MuonAdamW([{"params": [mine[0]], "weight_decay": 0.05}, {"params": [mine[1]], "weight_decay": 0.0}],
+                       lr=3e-3, betas=(0.9, 0.98), eps=1e-8)
+    for _ in range(5):
+        for a, b in zip(ref, mine):
+            g = torch.randn_like(a)
+            a.grad, b.grad = g.clone(), g.clone()
+        o_ref.step()
+        o_mine.step()
+    for a, b in zip(ref, mine):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_param_groups_put_hidden_matrices_on_muon_and_the_rest_on_adamw():
+    from mmgpt import build_model
+    from mmgpt.config import MMGPTConfig
+
+    model, _ = build_model(MMGPTConfig.from_preset("tiny", vision={"stem": "cnn"}),
+                           texts=["a small red circle", "what colour is the circle? red"])
+    cfg = load_config(None, ["optim.name=muon", "optim.muon_lr=0.02", "optim.lr=1e-3"])
+    groups = param_groups(model, cfg)
+    on_muon = {id(p) for g in groups if g["muon"] for p in g["params"]}
+    assert all(g["lr"] == (0.02 if g["muon"] else 1e-3) for g in groups)
+    names = {n: id(p) in on_muon for n, p in model.named_parameters()}
+    assert names["decoder.transformer.h.0.attn.c_attn.weight"] and names["vision.model.layers.0.mlp.fc1.weight"]
+    assert names["decoder.transformer.h.0.crossattention.q_attn.weight"] and names["adapter.fc1.weight"]
+    assert not names["decoder.transformer.wte.weight"] and not names["decoder.transformer.wpe.weight"]
+    assert not names["vision.model.embeddings.position_embeddings"] and not names["logit_scale"]
+    assert not any(on for n, on in names.items() if n.endswith("bias") or "ln" in n or "layernorm" in n)
+    first_conv = "vision.model.embeddings.patch_embeddings.projection.layers.0.weight"
+    assert not names[first_conv] and wants_muon("conv2.weight", torch.empty(64, 32, 3, 3))
+    with pytest.raises(ValueError, match="optim.name.*'adamw' or 'muon'"):
+        param_groups(model, load_config(None, ["optim.name=lion"]))
