@@ -199,7 +199,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, raw = item.split("=", 1)
         _check_override_path(key.strip())
         _set(tree, key.strip(), yaml.safe_load(raw) if raw else None)
-    return _build(TrainConfig, tree, "")
+    cfg = _build(TrainConfig, tree, "")
+    if cfg.optim.name not in ("adamw", "muon"):
+        raise ConfigError(f"optim.name: {cfg.optim.name!r} is not an optimizer mmgpt knows; use 'adamw' or 'muon'")
+    return cfg
 
 
 def to_dict(cfg: TrainConfig) -> dict:

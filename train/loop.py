@@ -104,6 +104,11 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             step_scheduler_with_optimizer=False,
         )
+    if cfg.optim.name == "muon" and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise TrainingError(
+            f"optim.name: muon orthogonalizes whole weight matrices, but {accelerator.distributed_type.value} "
+            "shards them across processes; use optim.name=adamw with that launch (or DDP: "
+            "configs/accelerate/ddp.yaml)")
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     main = accelerator.is_main_process
     if main:

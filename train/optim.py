@@ -20,24 +20,22 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     """Approximately U V^T of g's SVD (singular values pushed into ~[0.6, 1.2]), for a matrix or a stack
     of same-shaped matrices (..., m, n): one batched product per iteration for a whole stack."""
     a, b, c = NS_COEFFS
-    x = g.float()
+    x = g.float().reshape(-1, *g.shape[-2:])
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
     for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.mT if tall else x).to(g.dtype)
+        gram = torch.bmm(x, x.mT)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.mT if tall else x).reshape(g.shape).to(g.dtype)
 
 
 def wants_muon(name: str, p: torch.Tensor) -> bool:
     """Hidden weight matrices (and convolutions past the first) take Muon; the rest AdamW."""
     if p.ndim < 2 or any(k in name for k in ("wte", "wpe", "position", "cls_token", "embed_tokens", "lm_head")):
         return False
-    if p.ndim == 4 and p.shape[1] <= 4:  # the first convolution reads raw pixels: AdamW
-        return False
-    return True
+    return not (p.ndim == 4 and p.shape[1] <= 4)  # the first convolution reads raw pixels: AdamW
 
 
 class MuonAdamW(torch.optim.Optimizer):
