@@ -1,5 +1,6 @@
 """`optim.name: muon`: the Muon rule against torch.optim.Muon, the AdamW rule against torch.optim.AdamW,
-which parameters take which rule, and a training run that uses it."""
+which parameters take which rule, and the launches that cannot use it (the demo recipe trains with it:
+its end-to-end and SIGKILL-resume tests in test_train.py run Muon)."""
 
 import copy
 
@@ -113,3 +114,17 @@ def test_state_dict_round_trip_continues_the_same_trajectory():
         opt_b.step()
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_muon_is_refused_where_the_launch_shards_the_matrices(tmp_path, kind):
+    import types
+
+    from accelerate.utils import DistributedType
+
+    from train.loop import TrainingError, run_training
+
+    cfg = load_config(None, ["optim.name=muon", f"output_dir={tmp_path}"])
+    sharded = types.SimpleNamespace(distributed_type=DistributedType[kind])
+    with pytest.raises(TrainingError, match=f"{kind} shards them.*optim.name=adamw"):
+        run_training(cfg, accelerator=sharded)
