@@ -55,7 +55,7 @@ class ObjectivesConfig:
 class OptimConfig:
     name: str = "adamw"  # adamw | muon (Muon on hidden weight matrices, AdamW on the rest: train/optim.py)
     lr: float = 1e-3
-    muon_lr: float | None = None  # Muon's matrices; None = the part's lr (Muon's update is AdamW-RMS-matched)
+    muon_lr: float | None = None  # all Muon matrices, every part; None = each part's lr (updates are AdamW-RMS-matched)
     muon_momentum: float = 0.95
     weight_decay: float = 0.05
     betas: tuple = (0.9, 0.98)
