@@ -32,3 +32,11 @@ def test_only_generation_prints_its_rows_and_leaves_latest_json(monkeypatch, tmp
     assert "| greedy small b1 | mmgpt | 2.0 tokens/s |  |" in out
     assert "| generate_small_b1_vs_ved | 2.0 | 1.0 | 2.0 | >=3.0 | NO |" in out
     assert not (tmp_path / "latest.json").exists()
+
+
+def test_optimizer_step_benchmark_times_both_optimizers_on_the_recipe():
+    from benchmarks.optimizer_step import measure
+
+    res = measure(1, ["batch_size=4", "model.tokenizer_texts=200"])
+    assert set(res) == {"adamw", "muon"}
+    assert all(0 < r["optimizer_ms"] < r["step_ms"] for r in res.values())
