@@ -16,8 +16,6 @@ def param_groups(model, cfg: TrainConfig) -> list[dict]:
     from train.optim import wants_muon
 
     o = cfg.optim
-    if o.name not in ("adamw", "muon"):
-        raise ValueError(f"optim.name: {o.name!r} is not an optimizer mmgpt knows; use 'adamw' or 'muon'")
     part_lr = {"vision": o.lr_vision, "adapter": o.lr_adapter, "decoder": o.lr_decoder}
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
