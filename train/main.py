@@ -30,5 +30,8 @@ def run(args) -> int:
     except (ConfigError, DataError, TrainingError) as err:
         print(f"mmgpt train: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "bad_records"}, default=str))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # one summary line per run, not one per process
+        print(json.dumps({k: v for k, v in summary.items() if k != "bad_records"}, default=str))
     return 0
