@@ -27,6 +27,15 @@ def test_orthogonalize_flattens_the_spectrum_and_keeps_the_singular_vectors():
     torch.testing.assert_close(orthogonalize(stack), torch.stack([orthogonalize(m) for m in stack]))
 
 
+def _step_both(ref, mine, o_ref, o_mine):
+    """One step of each optimizer on the same random gradients."""
+    for a, b in zip(ref, mine):
+        g = torch.randn_like(a)
+        a.grad, b.grad = g.clone(), g.clone()
+    o_ref.step()
+    o_mine.step()
+
+
 def test_muon_groups_step_like_torch_muon_with_adamw_matched_scale():
     torch.manual_seed(0)
     ws = [torch.randn(48, 96), torch.randn(48, 96), torch.randn(96, 32)]  # a stack of two, and a tall one
@@ -35,11 +44,7 @@ def test_muon_groups_step_like_torch_muon_with_adamw_matched_scale():
     o_ref = torch.optim.Muon(ref, lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     o_mine = MuonAdamW([{"params": mine, "muon": True, "weight_decay": 0.1}], lr=0.01)
     for _ in range(4):
-        for a, b in zip(ref, mine):
-            g = torch.randn_like(a)
-            a.grad, b.grad = g.clone(), g.clone()
-        o_ref.step()
-        o_mine.step()
+        _step_both(ref, mine, o_ref, o_mine)
         for w, a, b in zip(ws, ref, mine):
             moved_ref, moved_mine = a.detach() - w, b.detach() - w
             # torch runs Newton-Schulz in bf16, mine in fp32: ~1% apart
@@ -56,11 +61,7 @@ def test_adamw_groups_step_exactly_like_torch_adamw():
     o_mine = MuonAdamW([{"params": [mine[0]], "weight_decay": 0.05}, {"params": [mine[1]], "weight_decay": 0.0}],
                        lr=3e-3, betas=(0.9, 0.98), eps=1e-8)
     for _ in range(5):
-        for a, b in zip(ref, mine):
-            g = torch.randn_like(a)
-            a.grad, b.grad = g.clone(), g.clone()
-        o_ref.step()
-        o_mine.step()
+        _step_both(ref, mine, o_ref, o_mine)
     for a, b in zip(ref, mine):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
