@@ -238,3 +238,16 @@ def test_fast_vit_forward_matches_hugging_face(monkeypatch, onednn, stem):
     enc.train()
     with torch.no_grad():
         assert torch.equal(enc.infer(x).patch_tokens, enc(x).patch_tokens)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not built into this torch")
+@pytest.mark.parametrize("gelu", [None, "tanh", "none"])
+def test_fastgen_onednn_linear_matches_addmm_and_gelu(gelu):
+    from mmgpt.fastgen import _packed_linear
+
+    torch.manual_seed(0)
+    w, b, x = torch.randn(64, 200), torch.randn(200), torch.randn(5, 64)  # w (in, out) as Conv1D stores it
+    ref = torch.addmm(b, x, w)
+    if gelu is not None:
+        ref = F.gelu(ref, approximate=gelu)
+    torch.testing.assert_close(_packed_linear(w, b, gelu=gelu)(x), ref, rtol=1e-5, atol=1e-5)
