@@ -227,6 +227,25 @@ def test_processor_masks_prompt_and_padding():
     assert (labels[mask == 0] == -100).all()
 
 
+def test_batched_tokenization_gives_the_per_record_ids():
+    """batch_examples / batch_prompts tokenize a batch in one call: the same ids, labels and padding as
+    encode_example / encode_prompt record by record (an empty caption prompt, truncation, left padding)."""
+    texts = ["a large red circle", "question: what color is the circle? answer: red", "caption: two small squares"]
+    _, proc = build_model("tiny", texts=texts)
+    tasks, prompts = ["caption", "vqa", "vqa", "caption"], ["", "what color is the circle?", "how many?", ""]
+    targets = ["a large red circle", "red", "2", "two small squares " * 40]  # the last one is cut at max_length
+    batch = proc.batch_examples(tasks, prompts, targets)
+    for i, (t, p, y) in enumerate(zip(tasks, prompts, targets)):
+        ids, labels = proc.encode_example(t, p, y)
+        assert batch["input_ids"][i, : len(ids)].tolist() == ids and batch["labels"][i, : len(ids)].tolist() == labels
+        assert batch["attention_mask"][i].sum() == len(ids) and (batch["input_ids"][i, len(ids):] == proc.pad_id).all()
+    assert batch["input_ids"].shape[1] == proc.max_length
+    left = proc.batch_prompts(tasks, prompts)
+    for i, (t, p) in enumerate(zip(tasks, prompts)):
+        ids = proc.encode_prompt(t, p)
+        assert left["input_ids"][i, -len(ids):].tolist() == ids and left["attention_mask"][i].sum() == len(ids)
+
+
 @pytest.mark.parametrize("adapter", ["mlp", "resampler"])
 def test_overfitting_one_batch_drives_both_losses_down(adapter):
     torch.manual_seed(0)
