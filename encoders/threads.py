@@ -3,49 +3,63 @@
 On a machine whose other cores are busy with another process, every parallel region of an op
 waits for those cores' time slices (milliseconds each), while the same op on one thread runs at
 once. An encoder forward or a decoding step of small ops has dozens of such regions, so it can
-run many times slower on two threads than on one. `cores_free` asks the machine, in about a
-millisecond, whether the other threads start at once; `threads_for_inference` runs a block on
-one thread when they do not.
+run many times slower on two threads than on one. `cores_free` asks the kernel, in well under a
+millisecond, whether other processes' threads are running now; `one_thread` runs a block on one
+thread when they are.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 _PROBE: dict = {}
 
 
+def _running_elsewhere() -> int | None:
+    """Threads of other processes running now: the kernel's `procs_running` (/proc/stat) less this
+    process's own threads in state R. None where /proc cannot say (not Linux)."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            running = next(int(line.split()[1]) for line in f if line.startswith(b"procs_running"))
+        ours = 0
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                stat = (task / "stat").read_bytes()
+            except OSError:  # the thread ended meanwhile
+                continue
+            ours += stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] == b"R"
+    except (OSError, StopIteration, ValueError):
+        return None
+    return max(0, running - ours)
+
+
 def cores_free(max_age: float = 0.5) -> bool:
-    """A product that splits across threads (two 3 MB matrices), timed on one thread and then on
-    all, with the other threads idle as they are between calls: True when all threads finish it
-    clearly faster. Also True with one thread. An answer younger than `max_age` seconds is reused
-    (a contended probe costs a time slice, ~8 ms)."""
+    """True when the cores torch's threads need are free: the fewest threads of other processes
+    running in three looks at the kernel's run queue leave `torch.get_num_threads()` cores. Also
+    True with one thread, and off Linux. An answer younger than `max_age` seconds is reused.
+
+    (It used to time a small product on one thread and on all; on an idle machine the other
+    thread's wake-up after ~10 ms of sleep made that read "busy" 8 times in 10, and a busy loop on
+    the other core was caught only 2-4 times in 10.)"""
     n_threads = torch.get_num_threads()
     if n_threads < 2:
         return True
     now = time.perf_counter()
     if _PROBE.get("at", -1e9) > now - max_age and _PROBE.get("threads") == n_threads:
         return _PROBE["free"]
-    if not _PROBE:
-        g = torch.Generator().manual_seed(0)
-        _PROBE["x"] = torch.randn(2, 1, 384, generator=g)
-        _PROBE["w"] = torch.randn(2, 384, 1024, generator=g)
-    x, w = _PROBE["x"], _PROBE["w"]
-    torch.set_num_threads(1)
-    try:
-        torch.bmm(x, w)  # reads the probe into cache
-        t0 = time.perf_counter()
-        torch.bmm(x, w)
-        t1 = time.perf_counter()
-    finally:
-        torch.set_num_threads(n_threads)
-    torch.bmm(x, w)
-    t2 = time.perf_counter()
-    _PROBE.update(at=t2, threads=n_threads, free=t2 - t1 < 0.8 * (t1 - t0))
-    return _PROBE["free"]
+    looks = [_running_elsewhere() for _ in range(3)]
+    if None in looks:
+        free = True
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        free = min(looks) + n_threads <= cores
+    _PROBE.update(at=time.perf_counter(), threads=n_threads, free=free)
+    return free
 
 
 @contextmanager
