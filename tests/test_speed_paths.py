@@ -4,6 +4,12 @@ the fused tanh GELU against transformers' gelu_new, fast greedy decoding (split 
 one thread, the mid-call switch between them) against GenerationMixin, and the fused ViT inference
 forward against Hugging Face's ViTModel."""
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -198,6 +204,36 @@ def test_one_thread_restores_the_count_and_cores_free_answers():
         assert cores_free(max_age=0.0) in (True, False)
     assert torch.get_num_threads() == 1
     assert cores_free() is True  # one thread: nothing to wait for
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or not Path("/proc/stat").exists(), reason="Linux /proc only")
+def test_cores_free_tells_an_idle_machine_from_one_with_a_spinning_process():
+    """With as many torch threads as cores: idle (between probes 20 ms apart, as between calls), the
+    cores are free; a busy loop in another process leaves one short. The probe this replaced timed a
+    product on one thread and on all, and read an idle machine "busy" 8 times in 10."""
+    cores = len(os.sched_getaffinity(0))
+    with one_thread(False):
+        torch.set_num_threads(max(2, cores))
+        seen = []
+        for _ in range(10):
+            time.sleep(0.02)
+            seen.append(cores_free(max_age=0.0))
+        assert sum(seen) >= 6, seen
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        with one_thread(False):
+            torch.set_num_threads(max(2, cores))
+            deadline = time.time() + 5
+            while cores_free(max_age=0.0) and time.time() < deadline:  # the spinner starting up
+                time.sleep(0.05)
+            seen = []
+            for _ in range(10):
+                time.sleep(0.02)
+                seen.append(cores_free(max_age=0.0))
+            assert not any(seen), seen
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 VIT_FAST = dict(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
