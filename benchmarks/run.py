@@ -385,7 +385,7 @@ def generation_targets(iters: int, have_coca: bool) -> tuple[list[dict], list[tu
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--iters", type=int, default=5, help="timed repetitions per measurement (median)")
+    ap.add_argument("--iters", type=int, default=7, help="timed repetitions per measurement (median)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-coca", action="store_true")
     ap.add_argument("--only", choices=["generation", "train"],
