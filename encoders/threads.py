@@ -39,8 +39,8 @@ def _running_elsewhere() -> int | None:
 
 
 def cores_free(max_age: float = 0.5) -> bool:
-    """True when the cores torch's threads need are free: the fewest threads of other processes
-    running in three looks at the kernel's run queue leave `torch.get_num_threads()` cores. Also
+    """True when the cores torch's threads need are free: the threads of other processes running
+    (the middle of three looks at the kernel's run queue) leave `torch.get_num_threads()` cores. Also
     True with one thread, and off Linux. An answer younger than `max_age` seconds is reused.
 
     (It used to time a small product on one thread and on all; on an idle machine the other
@@ -57,7 +57,7 @@ def cores_free(max_age: float = 0.5) -> bool:
         free = True
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        free = min(looks) + n_threads <= cores
+        free = sorted(looks)[1] + n_threads <= cores  # the middle look: one racy read can't decide
     _PROBE.update(at=time.perf_counter(), threads=n_threads, free=free)
     return free
 
