@@ -41,7 +41,8 @@ def _running_elsewhere() -> int | None:
 def cores_free(max_age: float = 0.5) -> bool:
     """True when the cores torch's threads need are free: the threads of other processes running
     (the middle of three looks at the kernel's run queue) leave `torch.get_num_threads()` cores. Also
-    True with one thread, and off Linux. An answer younger than `max_age` seconds is reused.
+    True with one thread, off Linux, and when this process may use only some of the CPUs. An answer
+    younger than `max_age` seconds is reused.
 
     (It used to time a small product on one thread and on all; on an idle machine the other
     thread's wake-up after ~10 ms of sleep made that read "busy" 8 times in 10, and a busy loop on
@@ -52,11 +53,13 @@ def cores_free(max_age: float = 0.5) -> bool:
     now = time.perf_counter()
     if _PROBE.get("at", -1e9) > now - max_age and _PROBE.get("threads") == n_threads:
         return _PROBE["free"]
-    looks = [_running_elsewhere() for _ in range(3)]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    # The run queue counts every CPU's tasks: it says nothing when this process may use only some of
+    # them (taskset, a container's cpuset), so then torch keeps its threads, as it would anyway.
+    looks = [_running_elsewhere() for _ in range(3)] if cores == os.cpu_count() else [None]
     if None in looks:
         free = True
     else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         free = sorted(looks)[1] + n_threads <= cores  # the middle look: one racy read can't decide
     _PROBE.update(at=time.perf_counter(), threads=n_threads, free=free)
     return free

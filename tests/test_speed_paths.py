@@ -206,7 +206,8 @@ def test_one_thread_restores_the_count_and_cores_free_answers():
     assert cores_free() is True  # one thread: nothing to wait for
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or not Path("/proc/stat").exists(), reason="Linux /proc only")
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or not Path("/proc/stat").exists()
+                    or len(os.sched_getaffinity(0)) != os.cpu_count(), reason="Linux /proc, all CPUs ours")
 def test_cores_free_tells_an_idle_machine_from_one_with_a_spinning_process():
     """With as many torch threads as cores: idle (between probes 20 ms apart, as between calls), the
     cores are free; a busy loop in another process leaves one short. The probe this replaced timed a
@@ -214,10 +215,13 @@ def test_cores_free_tells_an_idle_machine_from_one_with_a_spinning_process():
     cores = len(os.sched_getaffinity(0))
     with one_thread(False):
         torch.set_num_threads(max(2, cores))
-        seen = []
-        for _ in range(10):
-            time.sleep(0.02)
-            seen.append(cores_free(max_age=0.0))
+        for _ in range(3):  # three windows of 10 looks: a burst of the machine's own work may fill one
+            seen = []
+            for _ in range(10):
+                time.sleep(0.02)
+                seen.append(cores_free(max_age=0.0))
+            if sum(seen) >= 6:
+                break
         assert sum(seen) >= 6, seen
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
@@ -231,6 +235,13 @@ def test_cores_free_tells_an_idle_machine_from_one_with_a_spinning_process():
                 time.sleep(0.02)
                 seen.append(cores_free(max_age=0.0))
             assert not any(seen), seen
+            # Pinned to some CPUs only, the machine-wide run queue can't say: torch keeps its threads.
+            allowed = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, {min(allowed)})
+            try:
+                assert cores_free(max_age=0.0) is True
+            finally:
+                os.sched_setaffinity(0, allowed)
     finally:
         spinner.kill()
         spinner.wait()
