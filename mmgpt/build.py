@@ -15,6 +15,10 @@ def _mark_initialised(module) -> None:
         m._is_hf_initialized = True
 
 
+_VISION_OPTIONS = ("stem", "stem_width", "stem_extra", "stem_norm", "stem_init", "position_init", "position_scale",
+                   "pool", "image_mean", "image_std")
+
+
 def build_model(
     config: MMGPTConfig | str | dict,
     texts: Iterable[str] | None = None,
@@ -42,8 +46,12 @@ def build_model(
 
     vision = None
     if config.vision_pretrained:
+        # The rest of `vision` applies on top of the checkpoint: `config` overrides its config (e.g.
+        # image_size), `pool`, a stem, image_mean / image_std; build_encoder checks them.
+        options = {k: vision_spec[k] for k in _VISION_OPTIONS if k in vision_spec}
         vision = build_encoder(
-            vision_spec["backend"], pretrained=config.vision_pretrained, attn_implementation=attn_implementation
+            vision_spec["backend"], config=vision_spec.get("config") or {}, pretrained=config.vision_pretrained,
+            attn_implementation=attn_implementation, **options,
         )
         _mark_initialised(vision)
         vision_spec = vision.config_dict()

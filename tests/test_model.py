@@ -428,3 +428,26 @@ def test_rows_sharing_an_image_match_the_per_row_memory_path(unimodal):
     model(pixel_values=pixels, image_index=image_index, input_ids=ids, attention_mask=mask, labels=labels)
     hook.remove()
     assert not seen
+
+
+def test_pretrained_vision_keeps_the_rest_of_the_vision_spec(tmp_path):
+    """`vision_pretrained` loads the checkpoint, and `vision`'s config overrides and `pool` still apply
+    (they were dropped silently: a mean-pooled recipe trained with CLS pooling)."""
+    torch.manual_seed(0)
+    ref = ViTModel(ViTConfig(**VIT), add_pooling_layer=False).eval()
+    ref.save_pretrained(tmp_path / "vit")
+    cfg = MMGPTConfig(vision={"backend": "vit", "pool": "mean", "config": {"layer_norm_eps": 1e-5}},
+                      vision_pretrained=str(tmp_path / "vit"), text=GPT, adapter={"type": "linear"},
+                      projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    model, _ = build_model(cfg, texts=["a large red circle", "a small blue square"])
+    vit = model.vision.model
+    assert vit.config.layer_norm_eps == 1e-5 and model.config.vision["pool"] == "mean"
+    for key, value in ref.state_dict().items():
+        assert torch.equal(vit.state_dict()[key], value), key
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model.vision.eval()(px)
+    assert out.patch_tokens.shape[1] == 17  # CLS + 16 patches; the mean leaves CLS out
+    torch.testing.assert_close(out.pooled, out.patch_tokens[:, 1:].mean(1))
+    with pytest.raises(ValueError, match="pool"):
+        build_model(MMGPTConfig(**{**cfg.to_dict(), "vision": {"backend": "vit", "pool": "max"}}), texts=["a b"])
