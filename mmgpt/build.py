@@ -30,6 +30,8 @@ def build_model(
     a dict of config fields, or an MMGPTConfig. Parts named in `vision_pretrained` / `text_pretrained`
     (hub ids or local folders) load with `from_pretrained` (with prefix fusion the decoder is any
     `AutoModelForCausalLM`, with its `AutoTokenizer`); cross-attention, adapter and projections start new.
+    With `vision_pretrained`, the rest of `vision` applies on top of the checkpoint: `config` overrides
+    its config, and `pool`, a stem, `image_mean` / `image_std` as for an encoder built from scratch.
     A decoder built from a config gets a byte-level BPE trained on `texts` (required then).
     """
     import torch
