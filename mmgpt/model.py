@@ -276,6 +276,16 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             h = self.text_norm(h)
         return F.normalize(self.text_proj(h), dim=-1)  # (B, E)
 
+    def _target_rows_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy with only the rows that have a target through the LM head, fused
+        with the loss (`mmgpt.losses.linear_cross_entropy`): hidden (B, T, D), labels (B, T)."""
+        keep = labels[:, 1:] != -100  # (B, T-1)
+        rows, targets = hidden[:, :-1][keep], labels[:, 1:][keep]  # (N, D), (N,)
+        head = self.decoder.get_output_embeddings()
+        if type(head) is nn.Linear and head.bias is None:
+            return linear_cross_entropy(rows, head.weight, targets, self.config.label_smoothing)
+        return F.cross_entropy(head(rows).float(), targets, label_smoothing=self.config.label_smoothing)  # e.g. LoRA
+
     def _image_free_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, T, Dt) hidden states of a decoder pass without the image: the first k layers in the CoCa
         split, else all (prefix fusion: the decoder's base model with no image tokens in front)."""
@@ -333,10 +343,11 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         position_ids: (B, T) text positions (prefix fusion shifts them by K); default: from attention_mask.
         vision_outputs: precomputed `EncoderOutput` (patch_tokens, pooled) of a frozen encoder, used in
             place of pixel_values (the feature cache).
-        return_logits: default True, except in training mode with labels (cross-attention fusion): then
-            the LM head runs only at positions that have a target (prompt, padding and the last position
-            skip it), fused with the loss (`mmgpt.losses.linear_cross_entropy`), and `logits` is None;
-            pass True to get them anyway.
+        return_logits: default True, except in training mode with labels: then the LM head runs only at
+            positions that have a target (prompt, padding and the last position skip it), fused with the
+            loss (`mmgpt.losses.linear_cross_entropy`), and `logits` is None; pass True to get them
+            anyway. (Prefix fusion does this when the decoder's logits are plain `hidden @ W.T`: no
+            soft-capping or logit scale, see `mmgpt.prefix.plain_head`.)
         """
         kwargs.pop("past_key_values", None) if cache is not None else None
         if cache is None and "past_key_values" in kwargs:
@@ -361,7 +372,12 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         lm_loss = itc_loss = bow_loss = image_embeds = text_embeds = None
         if return_logits is None:
             return_logits = not (self.training and labels is not None)
-        if self.uses_prefix:
+        if self.uses_prefix and not return_logits and labels is not None and not use_cache and cache is None \
+                and prefix.plain_head(self):
+            # Training: the base model's hidden states, the LM head on target rows only (as below).
+            hidden = prefix.decoder_hidden(self, input_ids, attention_mask, memory, position_ids)  # (B, T, D)
+            logits, lm_loss = None, self._target_rows_loss(hidden, labels)
+        elif self.uses_prefix:
             logits, cache = prefix.decoder_logits(
                 self, input_ids, attention_mask, memory, position_ids, cache, bool(use_cache)
             )  # (B, T, V): the text positions only, so labels align with input_ids as in cross-attention
@@ -375,14 +391,7 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             if return_logits or labels is None:
                 logits = self.decoder.lm_head(hidden)  # (B, T, V)
             else:
-                # Only rows with a next-token target go through the LM head, fused with the loss.
-                keep = labels[:, 1:] != -100  # (B, T-1)
-                rows, targets = hidden[:, :-1][keep], labels[:, 1:][keep]  # (N, Dt), (N,)
-                head = self.decoder.lm_head
-                if type(head) is nn.Linear and head.bias is None:
-                    lm_loss = linear_cross_entropy(rows, head.weight, targets, cfg.label_smoothing)
-                else:  # e.g. a LoRA-wrapped head
-                    lm_loss = F.cross_entropy(head(rows).float(), targets, label_smoothing=cfg.label_smoothing)
+                lm_loss = self._target_rows_loss(hidden, labels)
 
         if labels is not None and logits is not None:
             shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # (B*(T-1), V)

@@ -37,6 +37,36 @@ def decoder_logits(
     position_ids: text positions (0 = first real token), shifted by K here; by default they come from the
     full mask, so `[img][pad][prompt]` places the prompt exactly where `[img][prompt]` does.
     """
+    x, mask, position_ids, t = _inputs(model, input_ids, attention_mask, image_tokens, position_ids, cache)
+    out = model.decoder(
+        inputs_embeds=x,
+        attention_mask=mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=use_cache,
+        logits_to_keep=t,  # the text positions: the last T of the sequence
+    )
+    return out.logits, (out.cache if use_cache else None)  # (B, T, V)
+
+
+def plain_head(model) -> bool:
+    """True when the decoder's logits are just `base_model(...) @ lm_head.weight.T` (GPT-2, Llama,
+    Qwen2, SmolLM2, ...): no soft-capping or logit scale in its CausalLM forward."""
+    cfg = model.decoder.config
+    return all(getattr(cfg, name, None) in (None, 1.0) for name in ("final_logit_softcapping", "logit_scale"))
+
+
+def decoder_hidden(model, input_ids, attention_mask, image_tokens, position_ids=None) -> torch.Tensor:
+    """The decoder's base model over `[image tokens][text]` without the LM head: (B, T, D) hidden states
+    at the text positions (after the final norm), for a loss that runs the head on target rows only."""
+    x, mask, position_ids, t = _inputs(model, input_ids, attention_mask, image_tokens, position_ids, None)
+    out = model.decoder.base_model(inputs_embeds=x, attention_mask=mask, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state[:, -t:]
+
+
+def _inputs(model, input_ids, attention_mask, image_tokens, position_ids, cache):
+    """Embeddings with the image tokens in front (empty cache), the mask with K ones in front, and the
+    position ids: (x (B, q, D), mask (B, K + T_text), position_ids (B, q), T)."""
     decoder = model.decoder
     b, t = input_ids.shape
     x = decoder.get_input_embeddings()(input_ids)  # (B, T, D)
@@ -59,15 +89,7 @@ def decoder_logits(
         if prepend:
             img_pos = torch.arange(k, device=x.device).expand(b, k)  # (B, K)
             position_ids = torch.cat([img_pos, position_ids], dim=1)  # (B, K + T)
-    out = decoder(
-        inputs_embeds=x,
-        attention_mask=mask,
-        position_ids=position_ids,
-        cache=cache,
-        use_cache=use_cache,
-        logits_to_keep=t,  # the text positions: the last T of the sequence
-    )
-    return out.logits, (out.cache if use_cache else None)  # (B, T, V)
+    return x, mask, position_ids, t
 
 
 def text_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -137,6 +137,33 @@ def test_lm_loss_counts_only_target_positions(decoder):
     assert torch.allclose(out.lm_loss, expect, atol=1e-5), (out.lm_loss, expect)
 
 
+@pytest.mark.parametrize("decoder", ["llama", "qwen2", "gpt2"])
+def test_training_loss_runs_the_head_on_target_rows_only_and_matches_full_logits(decoder):
+    """In training with labels, prefix fusion runs the base model and the LM head only on rows with a
+    target (the full (B, T, V) logits are never made): the loss and every gradient equal those of
+    the full-logits path (return_logits=True)."""
+    proc = MMGPTProcessor(train_bpe_tokenizer(TEXTS, vocab_size=300), image_size=32)
+    text = GPT2 if decoder == "gpt2" else DECODERS[decoder]
+    model = make_model({**text, "vocab_size": len(proc.tokenizer)}, seed=5, fusion="prefix").train()
+    batch = proc.batch_examples(["vqa", "caption"], ["what color is the circle?", ""], ["red", "a large red circle"])
+    torch.manual_seed(6)
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+              pixel_values=torch.randn(2, 3, 32, 32))
+    results = []
+    for full in (False, True):
+        model.zero_grad()
+        out = model(**kw, return_logits=full)
+        assert (out.logits is None) != full
+        out.loss.backward()
+        results.append((out.lm_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("decoder", ["llama", "qwen2"])
 def test_itc_text_embedding_comes_from_an_image_free_pass(decoder):
     model = make_model(decoder, seed=5)
