@@ -103,6 +103,21 @@ def _split_linear(weight: torch.Tensor, bias: torch.Tensor | None):
     return run
 
 
+def _wb(module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) a Conv1D computes with: for a peft LoRA layer that is not merged, its base weight
+    plus every active adapter's delta (`get_delta_weight`, in the base layer's layout), so that a
+    model in LoRA training decodes with its adapters (it ignored them before)."""
+    base = getattr(module, "base_layer", None)
+    if base is None or not hasattr(module, "get_delta_weight"):
+        return module.weight, module.bias
+    weight = base.weight
+    if not module.merged and not module.disable_adapters:
+        for name in module.active_adapters:
+            if name in module.lora_A:
+                weight = weight + module.get_delta_weight(name)
+    return weight, base.bias
+
+
 def _then(f, g):
     return lambda x: g(f(x))
 
@@ -138,17 +153,16 @@ class _DecoderPlan:
         a = blk.attn
         gelu = _gelu_of(blk.mlp.act) if fuse_gelu else None
         if gelu is not None:
-            fc = _packed_linear(blk.mlp.c_fc.weight, blk.mlp.c_fc.bias, gelu=gelu)
+            fc = _packed_linear(*_wb(blk.mlp.c_fc), gelu=gelu)
         else:
-            fc = _then(lin(blk.mlp.c_fc.weight, blk.mlp.c_fc.bias), blk.mlp.act)
-        p = {"ln_1": _layer_norm(blk.ln_1), "qkv": lin(a.c_attn.weight, a.c_attn.bias),
-             "proj": lin(a.c_proj.weight, a.c_proj.bias), "scale": a.scaling, "ln_2": _layer_norm(blk.ln_2),
-             "fc_act": fc, "fc_proj": lin(blk.mlp.c_proj.weight, blk.mlp.c_proj.bias), "cross": None}
+            fc = _then(lin(*_wb(blk.mlp.c_fc)), blk.mlp.act)
+        p = {"ln_1": _layer_norm(blk.ln_1), "qkv": lin(*_wb(a.c_attn)), "proj": lin(*_wb(a.c_proj)),
+             "scale": a.scaling, "ln_2": _layer_norm(blk.ln_2), "fc_act": fc, "fc_proj": lin(*_wb(blk.mlp.c_proj)),
+             "cross": None}
         if i >= model.k:
             c = blk.crossattention
-            p["cross"] = {"ln": _layer_norm(blk.ln_cross_attn), "q": lin(c.q_attn.weight, c.q_attn.bias),
-                          "proj": lin(c.c_proj.weight, c.c_proj.bias), "scale": c.scaling,
-                          "kv": _linear(c.c_attn.weight, c.c_attn.bias)}  # once per call, over B*K rows
+            p["cross"] = {"ln": _layer_norm(blk.ln_cross_attn), "q": lin(*_wb(c.q_attn)), "proj": lin(*_wb(c.c_proj)),
+                          "scale": c.scaling, "kv": _linear(*_wb(c.c_attn))}  # once per call, over B*K rows
         return p
 
 

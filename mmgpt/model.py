@@ -474,6 +474,9 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
 
         if self.uses_prefix:  # the fast loop reads GPT-2's cross-attention blocks
             return False
+        tr = self.decoder.transformer  # LoRA on the blocks is folded in (fastgen._wb); on these it is not
+        if type(self.decoder.lm_head) is not nn.Linear or type(tr.wte) is not nn.Embedding:
+            return False
         if kwargs.get("fast") is False or self.training or not kwargs.get("max_new_tokens"):
             return False
         opts = {k for k, v in kwargs.items() if k != "fast" and v is not None}

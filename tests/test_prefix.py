@@ -349,6 +349,22 @@ def test_lora_trainable_parameters_equal_the_hand_count():
     assert all("lora_" in n for n in trainable) and sum(trainable.values()) == 3 * per_layer
 
 
+def test_unmerged_lora_decodes_with_its_adapters_on_the_fast_greedy_path():
+    """GPT-2 with LoRA in training (adapters not merged): mmgpt's fast greedy loop folds each adapter's
+    delta into its weights and gives GenerationMixin's tokens (it decoded with the base weights)."""
+    model = apply_freezing_and_lora(make_model(GPT2, seed=12), lora_config(4)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)  # B starts at zero: make the adapters matter
+    assert model._can_use_fast_path({"max_new_tokens": 10})
+    torch.manual_seed(13)
+    pixels = torch.randn(3, 3, 32, 32)
+    for b in (1, 3):
+        kw = dict(pixel_values=pixels[:b], max_new_tokens=10, min_new_tokens=10)
+        assert torch.equal(model.generate(**kw), model.generate(**kw, fast=False)), b
+
+
 @pytest.mark.parametrize("decoder", ["qwen2", "gpt2"])
 def test_merged_lora_gives_the_outputs_of_unmerged_and_saves_plain_weights(tmp_path, decoder):
     model = make_model(GPT2 if decoder == "gpt2" else DECODERS[decoder], seed=12)
