@@ -346,8 +346,8 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         return_logits: default True, except in training mode with labels: then the LM head runs only at
             positions that have a target (prompt, padding and the last position skip it), fused with the
             loss (`mmgpt.losses.linear_cross_entropy`), and `logits` is None; pass True to get them
-            anyway. (Prefix fusion does this when the decoder's logits are plain `hidden @ W.T`: no
-            soft-capping or logit scale, see `mmgpt.prefix.plain_head`.)
+            anyway. (Prefix fusion does this for decoder types whose logits are the LM head on the base
+            model's output, `mmgpt.prefix.PLAIN_HEAD_TYPES`; others keep full logits.)
         """
         kwargs.pop("past_key_values", None) if cache is not None else None
         if cache is None and "past_key_values" in kwargs:

@@ -49,11 +49,14 @@ def decoder_logits(
     return out.logits, (out.cache if use_cache else None)  # (B, T, V)
 
 
+# Decoder types whose CausalLM forward is exactly `lm_head(base_model(...).last_hidden_state)`: no
+# soft-capping (Gemma 2), logit scale (Cohere) or logits scaling (Granite). Others keep full logits.
+PLAIN_HEAD_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3"}
+
+
 def plain_head(model) -> bool:
-    """True when the decoder's logits are just `base_model(...) @ lm_head.weight.T` (GPT-2, Llama,
-    Qwen2, SmolLM2, ...): no soft-capping or logit scale in its CausalLM forward."""
-    cfg = model.decoder.config
-    return all(getattr(cfg, name, None) in (None, 1.0) for name in ("final_logit_softcapping", "logit_scale"))
+    """True when the decoder's logits are just `base_model(...)` through its LM head (SmolLM2 is Llama)."""
+    return model.decoder.config.model_type in PLAIN_HEAD_TYPES
 
 
 def decoder_hidden(model, input_ids, attention_mask, image_tokens, position_ids=None) -> torch.Tensor:

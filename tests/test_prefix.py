@@ -138,7 +138,7 @@ def test_lm_loss_counts_only_target_positions(decoder):
 
 
 @pytest.mark.parametrize("decoder", ["llama", "qwen2", "gpt2"])
-def test_training_loss_runs_the_head_on_target_rows_only_and_matches_full_logits(decoder):
+def test_training_loss_runs_the_head_on_target_rows_only_and_matches_full_logits(decoder, monkeypatch):
     """In training with labels, prefix fusion runs the base model and the LM head only on rows with a
     target (the full (B, T, V) logits are never made): the loss and every gradient equal those of
     the full-logits path (return_logits=True)."""
@@ -162,6 +162,13 @@ def test_training_loss_runs_the_head_on_target_rows_only_and_matches_full_logits
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+    # A decoder type not known to have a plain LM head (Gemma 2 soft-caps its logits) keeps full logits.
+    import mmgpt.prefix
+
+    monkeypatch.setattr(mmgpt.prefix, "PLAIN_HEAD_TYPES", set())
+    out = model(**kw)
+    assert out.logits is not None
+    torch.testing.assert_close(out.lm_loss.detach(), loss_b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("decoder", ["llama", "qwen2"])
