@@ -254,11 +254,10 @@ def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_
     wte, ln_f = tr.wte.weight, _layer_norm(tr.ln_f)
     pos_emb = tr.wpe.weight[pos_all]  # (B, T, D)
     # Additive key mask for one-token steps, (B*H, 1, T); a broadcast zero without padding.
-    key_bias = torch.zeros(1, 1, 1, dtype=dtype, device=dev)
+    no_bias = key_bias = torch.zeros(1, 1, 1, dtype=dtype, device=dev)
     if padded:
         key_bias = (torch.zeros(b, 1, 1, total, dtype=dtype, device=dev).masked_fill_(mask[:, None, None] == 0, neg)
                     .expand(b, n_head, 1, total).reshape(b * n_head, 1, total))
-    no_bias = torch.zeros(1, 1, 1, dtype=dtype, device=dev)
 
     def attend_one(q, k_t, v, bias, scale):
         """One query per row: q (B*H, 1, hd), k_t (B*H, hd, T), v (B*H, T, hd) -> (B, D). Two
