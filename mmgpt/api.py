@@ -32,10 +32,17 @@ from mmgpt.processor import PROCESSOR_FILE, MMGPTProcessor
 
 GENERATION_DEFAULTS = {"max_new_tokens": 32, "num_beams": 1}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TOKENIZER_FILE = "tokenizer.json"  # what MMGPTProcessor.from_pretrained reads (a fast tokenizer)
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "owner/name"
 
-__all__ = ["GENERATION_DEFAULTS", "ImageLoadError", "ModelLoadError", "VisionLanguagePipeline", "load"]
+__all__ = [
+    "GENERATION_DEFAULTS",
+    "ImageLoadError",
+    "ModelLoadError",
+    "VisionLanguagePipeline",
+    "check_generation_options",
+    "load",
+]
 
 
 class ModelLoadError(ValueError):
@@ -55,6 +62,22 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
     if str(dtype) not in names:
         raise ValueError(f"dtype {dtype!r} is unknown; use one of {', '.join(names)}")
     return names[str(dtype)]
+
+
+def _check_count(name: str, value: Any) -> None:
+    """ValueError naming ``name`` unless ``value`` is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def check_generation_options(gen: dict, batch_size: Any = 1) -> None:
+    """Raise a ValueError naming the option, before any work, for a ``batch_size``, ``num_beams``,
+    ``max_new_tokens`` or ``num_return_sequences`` that is not an integer >= 1 (a width of 0 would
+    otherwise end in a bare ZeroDivisionError deep inside generation)."""
+    _check_count("batch_size", batch_size)
+    for name in ("num_beams", "max_new_tokens", "num_return_sequences"):
+        if gen.get(name) is not None:
+            _check_count(name, gen[name])
 
 
 def _one_line(err: BaseException) -> str:
@@ -95,10 +118,16 @@ def check_model_folder(folder: Path, name: str) -> None:
         raise ModelLoadError(f"{name}: config.json is for model type {model_type!r}, not an mmgpt model")
     if not any((folder / f).is_file() for f in WEIGHT_FILES):
         raise ModelLoadError(f"{name}: no weights (expected {WEIGHT_FILES[0]})")
-    if not (folder / PROCESSOR_FILE).is_file():
-        raise ModelLoadError(f"{name}: no {PROCESSOR_FILE} (save the processor with processor.save_pretrained)")
-    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        raise ModelLoadError(f"{name}: no tokenizer files ({' or '.join(TOKENIZER_FILES)})")
+    for fname in (PROCESSOR_FILE, TOKENIZER_FILE):  # both written by processor.save_pretrained
+        path = folder / fname
+        if not path.is_file():
+            raise ModelLoadError(f"{name}: no {fname} (save the processor into the folder with "
+                                 f"processor.save_pretrained)")
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"{name}: {fname} is unreadable ({_one_line(err)}); save the processor "
+                                 f"again with processor.save_pretrained") from None
 
 
 class VisionLanguagePipeline:
@@ -140,8 +169,9 @@ class VisionLanguagePipeline:
         """Images -> (B, 3, S, S) on the model's device and dtype; ImageLoadError names a bad file."""
         return self.processor.images(list(images)).to(self.device, self.dtype)
 
-    def _gen_kwargs(self, gen: dict) -> dict:
+    def _gen_kwargs(self, gen: dict, batch_size: Any = 1) -> dict:
         kw = {**GENERATION_DEFAULTS, **gen}
+        check_generation_options(kw, batch_size)
         if kw.get("num_return_sequences", 1) != 1:
             raise ValueError("num_return_sequences > 1 is not supported here; call model.generate directly")
         return kw
@@ -160,9 +190,7 @@ class VisionLanguagePipeline:
         return self.processor.batch_decode(out[:, ids.shape[1] :])
 
     def _run(self, images: list, tasks: list[str], prompts: list[str], batch_size: int, gen: dict) -> list[str]:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        gen = self._gen_kwargs(gen)
+        gen = self._gen_kwargs(gen, batch_size)
         out: list[str] = []
         for i in range(0, len(images), batch_size):
             j = i + batch_size
@@ -254,6 +282,7 @@ class VisionLanguagePipeline:
     @torch.inference_mode()
     def embed_images(self, images, batch_size: int = 64) -> torch.Tensor:
         """-> (N, E) L2-normed image embeddings (float32, CPU)."""
+        _check_count("batch_size", batch_size)
         images = [images] if is_single_image(images) else list(images)
         out = [self.model.embed_image(self.pixels(images[i : i + batch_size])).float().cpu()
                for i in range(0, len(images), batch_size)]
@@ -262,6 +291,7 @@ class VisionLanguagePipeline:
     @torch.inference_mode()
     def embed_texts(self, texts: str | Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """-> (N, E) L2-normed, image-free text embeddings (float32, CPU)."""
+        _check_count("batch_size", batch_size)
         texts = [texts] if isinstance(texts, str) else list(texts)
         out = []
         for i in range(0, len(texts), batch_size):

@@ -41,7 +41,8 @@ class Collator:
         n_itc = 0  # ITC rows so far
         for g in groups:
             pixels.append(g[0]["image"])
-            image_ids.append(g[0].get("image_id"))
+            # an image file with no id is known by its path (the feature cache and ITC's image ids use it)
+            image_ids.append(g[0].get("image_id") if g[0].get("image_id") is not None else g[0].get("image_source"))
             for r in g:
                 image_index.append(len(pixels) - 1)
                 tasks.append(r["task"])

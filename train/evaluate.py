@@ -1,9 +1,10 @@
 """Evaluate a model on records: captioning, visual question answering and image-text retrieval.
 
-Records (see ``train.data.records``) are grouped by image (``image_id``, else the image object),
-so each image is captioned once, its questions are asked, and its reference captions are the
-retrieval texts. Generation uses left-padded prompts and keeps only the new tokens; the metrics
-come from ``train.metrics`` (COCO caption scorers, VQAv2 accuracy, Recall@K).
+Records (see ``train.data.records``) are grouped by image (``image_id``, else the file or row the
+image was read from, else the image object), so each image is captioned once, its questions are
+asked, and its reference captions are the retrieval texts. Generation uses left-padded prompts and
+keeps only the new tokens; the metrics come from ``train.metrics`` (COCO caption scorers, VQAv2
+accuracy, Recall@K).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any
 
 import torch
 
+from mmgpt.api import check_generation_options
 from train.data.bad import split_bad
+from train.data.records import image_key
 from train.metrics import CAPTION_METRICS, caption_metrics, retrieval_metrics, vqa_score
 
 TASKS = ("caption", "vqa", "retrieval")
@@ -88,8 +91,7 @@ def group_records(records: Iterable, max_images: int | None = None) -> tuple[lis
         good, bad = split_bad([item])
         bad_count += len(bad)
         for rec in good:
-            key = rec.get("image_id")
-            key = ("id", str(key)) if key is not None else ("object", id(rec["image"]))
+            key = image_key(rec)
             group = groups.get(key)
             if group is None:
                 if max_images is not None and len(groups) >= max_images:
@@ -174,8 +176,7 @@ def evaluate(
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)} or 'all'")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_generation_options({"num_beams": num_beams, "max_new_tokens": max_new_tokens}, batch_size)
     if device is not None:
         model.to(device)
     gen = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": False}

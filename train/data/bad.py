@@ -91,7 +91,11 @@ class SkipBad:
 
 
 class BadDataCounter:
-    """Counts bad records by reason and keeps the first few for the error message."""
+    """Counts bad records by reason and keeps the first few distinct ones for the error message.
+
+    Every occurrence is counted (a bad record read again in the next epoch counts again, as the
+    records seen do), but ``first`` holds each record (reason and place) once.
+    """
 
     def __init__(self, keep: int = 5):
         self.keep = keep
@@ -105,14 +109,19 @@ class BadDataCounter:
     def add(self, bad: BadRecord | Iterable[BadRecord]) -> None:
         for b in [bad] if isinstance(bad, BadRecord) else bad:
             self.by_reason[b.reason] += 1
-            if len(self.first) < self.keep:
-                self.first.append(b)
+            self._keep(b)
+
+    def _keep(self, b: BadRecord) -> None:
+        """Add ``b`` to ``first`` unless it is full or already holds the same record."""
+        if len(self.first) < self.keep and all((f.reason, f.where) != (b.reason, b.where) for f in self.first):
+            self.first.append(b)
 
     def merge(self, other: BadDataCounter | dict) -> None:
         """Add another counter (or its ``to_dict()``, e.g. gathered from another rank)."""
         other = BadDataCounter.from_dict(other) if isinstance(other, dict) else other
         self.by_reason.update(other.by_reason)
-        self.first.extend(other.first[: max(0, self.keep - len(self.first))])
+        for b in other.first:
+            self._keep(b)
 
     def to_dict(self) -> dict:
         return {
@@ -124,7 +133,8 @@ class BadDataCounter:
     def from_dict(cls, d: dict, keep: int = 5) -> BadDataCounter:
         c = cls(keep=keep)
         c.by_reason.update(d.get("by_reason", {}))
-        c.first = [BadRecord(*b) for b in d.get("first", [])][:keep]
+        for b in d.get("first", []):
+            c._keep(BadRecord(*b))
         return c
 
     def summary(self, total_seen: int | None = None) -> str:

@@ -4,14 +4,22 @@ The folder reads back with ``build_source({"format": "imagefolder", "path": out_
 with ``datasets.load_dataset("imagefolder", data_dir=out_dir)``. Every line has the same
 keys (``file_name``, ``task``, ``caption``, ``question``, ``answer``, ``qtype``,
 ``image_id``; the unused ones null), so Arrow infers one schema for the whole file.
+
+Writing into a folder written before replaces it: ``metadata.jsonl`` is rewritten and the images
+it no longer lists that this function wrote (names of digits only, ``00000.png``, ...) are
+removed, so the folder never holds stale images. Other files are left alone.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import re
 from pathlib import Path
 
-from train.data.shapes import ShapesDataset
+from train.data.shapes import MIN_IMAGE_SIZE, ShapesDataset
+
+IMAGE_NAME = re.compile(r"\d{5,}\.png")  # the names this module writes: 00000.png ...
 
 
 def write_shapes_imagefolder(
@@ -26,12 +34,22 @@ def write_shapes_imagefolder(
 
     Each image gets one metadata line per record: with ``task_mix=None`` its caption and every
     valid question (``records_for_image``, the evaluation set), else the records
-    ``ShapesDataset(task_mix=task_mix)`` draws for it (the training mix).
+    ``ShapesDataset(task_mix=task_mix)`` draws for it (the training mix). Images of an earlier
+    run beyond ``n`` are removed (see the module docstring). ``ValueError`` for ``n < 1`` or
+    ``image_size < 32``, ``NotADirectoryError`` when ``out_dir`` is a file, ``OSError`` when it
+    cannot be written.
     """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"the number of images must be at least 1, got {n!r}")
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE}, got {image_size!r}")
+    ds = ShapesDataset(split, n, image_size, task_mix, seed)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", str(out))
     out.mkdir(parents=True, exist_ok=True)
-    ds = ShapesDataset(split, max(n, 1), image_size, task_mix, seed)
     width = max(5, len(str(n - 1)))
+    names = {f"{i:0{width}d}.png" for i in range(n)}
     meta = out / "metadata.jsonl"
     with open(meta, "w", encoding="utf-8") as f:
         for i in range(n):
@@ -50,4 +68,7 @@ def write_shapes_imagefolder(
                     "image_id": r["image_id"],
                 }
                 f.write(json.dumps(row) + "\n")
+    for stale in out.iterdir():  # images of an earlier, larger run: metadata.jsonl no longer lists them
+        if stale.name not in names and IMAGE_NAME.fullmatch(stale.name) and stale.is_file():
+            stale.unlink()
     return meta

@@ -20,6 +20,7 @@ from train.data.records import (
     check_schema,
     entries_from_row,
     entry_to_record,
+    image_source,
     resolve_columns,
 )
 
@@ -31,20 +32,32 @@ def is_saved_dataset(path: str | Path) -> bool:
     return p.is_dir() and any((p / m).is_file() for m in SAVED_MARKERS)
 
 
-def load_hf(name: str, split: str = "train"):
-    """``datasets.load_from_disk`` for a saved folder (picking ``split`` of a DatasetDict), else
-    ``datasets.load_dataset(name, split=split)``."""
+def load_hf(name: str, split: str | None = None):
+    """``datasets.load_from_disk`` for a saved folder (picking ``split`` of a DatasetDict, default
+    train), else ``datasets.load_dataset(name, split=split or "train")``.
+
+    A saved single ``Dataset`` has no splits: asking for one is an error (it would silently read
+    all rows), unless it is the split the dataset recorded, or "train" when it recorded none.
+    """
     import datasets  # lazily: importing train.data must stay cheap
 
     if is_saved_dataset(name):
         ds = datasets.load_from_disk(str(name))
         if isinstance(ds, datasets.DatasetDict):
+            split = split or "train"
             if split not in ds:
                 raise DataError(f"{name}: no split {split!r} in the saved dataset; splits: {list(ds)}")
-            ds = ds[split]
+            return ds[split]
+        own = str(ds.split) if ds.split is not None else None
+        if split is not None and split != (own or "train"):
+            recorded = f" (its recorded split is {own!r})" if own else ""
+            raise DataError(
+                f"{name}: the folder holds one Dataset without splits{recorded}, so split {split!r} "
+                f"cannot be picked; drop the split (hf:{name}) to use all its rows"
+            )
         return ds
     try:
-        return datasets.load_dataset(name, split=split)
+        return datasets.load_dataset(name, split=split or "train")
     except (OSError, ValueError) as e:  # not found, offline, bad split
         raise DataError(f"cannot load Hugging Face dataset {name!r} split {split!r}: {e}") from e
 
@@ -52,11 +65,11 @@ def load_hf(name: str, split: str = "train"):
 class HFSource(IndexedSource):
     """Map-style source over a Hugging Face ``Dataset``."""
 
-    def __init__(self, name: str, split: str = "train", columns: Mapping[str, str] | None = None, limit=None):
+    def __init__(self, name: str, split: str | None = None, columns: Mapping[str, str] | None = None, limit=None):
         import datasets
 
         ds = load_hf(name, split)
-        where = f"{name} [{split}]"
+        where = f"{name} [{split or ds.split or 'train'}]"
         mapping = resolve_columns(ds.column_names, columns)
         check_schema(where, ds.column_names, mapping, columns)
         image_col = mapping["image"]
@@ -90,4 +103,7 @@ class HFSource(IndexedSource):
         return ref
 
     def __getitem__(self, i: int):
-        return entry_to_record(self.entries[i], self._image_ref(self.rows[i]))
+        row = self.rows[i]
+        ref = self._image_ref(row)
+        # An image stored in the dataset has no path: the row names it (a row of captions is one image).
+        return entry_to_record(self.entries[i], ref, image_source(ref) or f"{self.name} row {row}")

@@ -8,10 +8,12 @@ A record is a dict::
      "answers": list[str],     # all reference answers (VQA)
      "references": list[str],  # all reference captions of the image (captions)
      "image_id": str,          # stable id of the image
+     "image_source": str,      # where the image was read from (its path, or dataset and row)
      "qtype": str}             # question type (shapes)
 
 For captions ``prompt`` is "" and ``target`` the caption; for VQA ``prompt`` is the raw
-question (the processor applies the template) and ``target`` the answer.
+question (the processor applies the template) and ``target`` the answer. Records of one image
+share its ``image_id``, or, when the source has none, its ``image_source`` (:func:`image_key`).
 """
 
 from __future__ import annotations
@@ -177,6 +179,25 @@ def entries_from_row(row: Mapping[str, Any], mapping: dict[str, str], image: Any
     return [make_entry(image, where, **fields)]
 
 
+def image_source(ref: Any) -> str | None:
+    """The path an image reference names (absolute, normalised), or None for in-memory images."""
+    if isinstance(ref, dict) and not ref.get("bytes"):  # Hugging Face Image(decode=False)
+        ref = ref.get("path")
+    if isinstance(ref, (str, os.PathLike)) and os.fspath(ref):
+        return os.path.abspath(os.fspath(ref))
+    return None
+
+
+def image_key(rec: Mapping[str, Any]) -> tuple:
+    """What identifies a record's image: its ``image_id``, else its ``image_source``, else the image
+    object itself (records of one in-memory image share it only when they share the object)."""
+    if rec.get("image_id") is not None:
+        return ("id", str(rec["image_id"]))
+    if rec.get("image_source"):
+        return ("source", rec["image_source"])
+    return ("object", id(rec["image"]))
+
+
 def attach_references(entries: list[Entry]) -> None:
     """Give every caption entry without references all captions of the same image."""
     groups: dict[str, list[str]] = defaultdict(list)
@@ -184,7 +205,7 @@ def attach_references(entries: list[Entry]) -> None:
     for e in entries:
         key = None
         if e.task == "caption" and e.references is None and e.target:
-            key = e.image_id or (str(e.image) if isinstance(e.image, (str, os.PathLike)) else None)
+            key = e.image_id or image_source(e.image)
             if key is not None:
                 groups[key].append(e.target)
         keys.append(key)
@@ -221,7 +242,7 @@ def read_image(ref: Any, where: str) -> Any:
         return BadRecord(reason, where, str(e))
 
 
-def to_record(e: Entry, image: Any) -> dict:
+def to_record(e: Entry, image: Any, source: str | None = None) -> dict:
     rec = {"image": image, "task": e.task, "prompt": e.prompt, "target": e.target}
     if e.task == "vqa":
         rec["answers"] = list(e.answers or [e.target])
@@ -231,19 +252,22 @@ def to_record(e: Entry, image: Any) -> dict:
         rec["image_id"] = e.image_id
     if e.qtype is not None:
         rec["qtype"] = e.qtype
+    if source is not None:
+        rec["image_source"] = source
     return rec
 
 
-def entry_to_record(e: Entry, image_ref: Any = None) -> dict | BadRecord:
+def entry_to_record(e: Entry, image_ref: Any = None, source: str | None = None) -> dict | BadRecord:
     """Load the entry's image (or ``image_ref`` when given) and build its record, or return a
-    bad marker."""
+    bad marker. ``source`` names where the image came from (default: its path, if it has one)."""
     if not e.target or (e.task == "vqa" and not e.prompt):
         what = "question" if e.target else ("answer" if e.task == "vqa" else "caption")
         return BadRecord(EMPTY_TEXT, e.where, f"empty {what}")
-    image = read_image(e.image if image_ref is None else image_ref, e.where)
+    ref = e.image if image_ref is None else image_ref
+    image = read_image(ref, e.where)
     if isinstance(image, BadRecord):
         return image
-    return to_record(e, image)
+    return to_record(e, image, source or image_source(ref))
 
 
 class IndexedSource(Dataset):

@@ -31,6 +31,7 @@ COLORS = tuple(PALETTE)
 SHAPES = ("circle", "square", "triangle")
 SIZES: dict[str, tuple[int, int]] = {"small": (10, 15), "large": (22, 28)}  # bbox side at 64 px
 BASE_SIZE = 64
+MIN_IMAGE_SIZE = 32  # smaller images leave no room for the objects and their gaps
 JITTER = 15  # per channel, each way
 BACKGROUND = (200, 255)  # each channel uniform in this range
 MAX_OBJECTS = 3
@@ -124,8 +125,8 @@ def sample_scene(rng: random.Random | int, image_size: int = BASE_SIZE, max_obje
         raise ValueError(f"max_objects must be in [1, {MAX_OBJECTS}], got {max_objects}")
     if not isinstance(rng, random.Random):
         rng = random.Random(rng)
-    if image_size < 32:
-        raise ValueError(f"shapes image_size must be >= 32, got {image_size}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"shapes image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
     s = image_size / BASE_SIZE
     gap, min_dx = max(MIN_GAP, round(MIN_GAP * s)), max(MIN_DX, round(MIN_DX * s))
     background = (rng.randint(*BACKGROUND), rng.randint(*BACKGROUND), rng.randint(*BACKGROUND))
@@ -260,6 +261,8 @@ class ShapesDataset(Dataset):
         hard_negatives: int = 0,
     ):
         scene_seed(split, max(0, size - 1), seed)  # validates split, size and seed
+        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"shapes image_size must be an integer >= {MIN_IMAGE_SIZE}, got {image_size!r}")
         if not isinstance(single_object_first, int) or single_object_first < 0:
             raise ValueError(f"single_object_first must be an image count >= 0, got {single_object_first!r}")
         if not isinstance(hard_negatives, int) or hard_negatives < 0:

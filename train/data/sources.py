@@ -146,7 +146,7 @@ def build_source(spec: dict | SourceSpec | str) -> Dataset:
     if fmt == "hf":
         from train.data.hf import HFSource
 
-        return HFSource(spec.name, spec.split or "train", spec.columns, spec.limit)
+        return HFSource(spec.name, spec.split, spec.columns, spec.limit)
     if fmt == "webdataset":
         from train.data.webdataset import WebDatasetSource
 
