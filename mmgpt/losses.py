@@ -70,6 +70,8 @@ def contrastive_loss(
     img, offset = gather_with_grad(image_embeds)  # (B, E)
     txt, _ = gather_with_grad(text_embeds)  # (B, E)
     logits = logit_scale * img @ txt.t()  # (B, B) image -> text
+    if logits.shape[0] == 0:  # no pair anywhere (a batch of questions only): nothing to contrast
+        return logits.sum() + 0.0 * (img.sum() + txt.sum())
     t2i_target = None
     if images is not None:
         gi, _ = gather_with_grad(images.unsqueeze(1), grad=False)  # (B, 1)

@@ -411,8 +411,10 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             am = attention_mask[rows] if attention_mask is not None else None
             if self.k > 0:
                 text_hidden = tapped[rows]  # (b, T, Dt): the unimodal layers' output, same pass
-            else:
+            elif bool(rows.any()):
                 text_hidden = self._image_free_hidden(input_ids[rows], am)  # (b, T, Dt), image-free pass
+            else:  # no caption row in this batch (e.g. all questions): an empty pass kept in the graph
+                text_hidden = self._image_free_hidden(input_ids[:1], attention_mask[:1] if am is not None else None)[:0]
             text_embeds = self._text_embedding(_scale_grad(text_hidden, cfg.itc_text_grad_scale), am)  # (b, E)
             groups = itc_groups[rows] if itc_groups is not None else None
             images = itc_images[rows] if itc_images is not None else None

@@ -101,10 +101,26 @@ def _train_cmd(out, extra=()):
             "deterministic=true", *extra]
 
 
-def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    subprocess.run(_train_cmd(ref), env=env, check=True, capture_output=True, cwd=ROOT)
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def reference_weights(tmp_path_factory):
+    """The weights of an uninterrupted run of `_train_cmd`."""
+    ref = tmp_path_factory.mktemp("ref") / "run"
+    subprocess.run(_train_cmd(ref), env=ENV, check=True, capture_output=True, cwd=ROOT)
+    return load_file(ref / "model" / "model.safetensors")
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
+
+
+def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, reference_weights):
+    env = ENV
+    cut = tmp_path / "cut"
 
     proc = subprocess.Popen(_train_cmd(cut), env={**env, "MMGPT_TEST_STEP_DELAY": "0.4"}, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -118,13 +134,130 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path):
     assert not (cut / "model").exists()
     subprocess.run(_train_cmd(cut, ["resume=latest"]), env=env, check=True, capture_output=True, cwd=ROOT)
 
-    a = load_file(ref / "model" / "model.safetensors")
-    b = load_file(cut / "model" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    _assert_same_weights(reference_weights, load_file(cut / "model" / "model.safetensors"))
     steps = [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 10
+    assert steps == list(range(1, 11))  # steps logged after step-4 and before the kill are not repeated
+
+
+def test_sigint_checkpoints_the_last_step_and_resume_continues_log_and_clock(tmp_path, reference_weights):
+    """Ctrl-C (or SIGTERM) with no periodic checkpoints: the run stops after the step in flight with a
+    checkpoint of it (exit 130), and resume=latest ends with the uninterrupted run's weights, one log
+    line per step and a training clock that goes on from where it stopped."""
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(_train_cmd(cut, ["checkpoint_every=0"]), env={**ENV, "MMGPT_TEST_STEP_DELAY": "0.4"},
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log, deadline = cut / "metrics.jsonl", time.time() + 240
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    from train.checkpoint import list_checkpoints
+
+    (ckpt,) = list_checkpoints(cut / "checkpoints")
+    stopped = json.loads((ckpt / "trainer_state.json").read_text())
+    assert 3 <= stopped["step"] < 10 and ckpt.name == f"step-{stopped['step']}" and "resume=latest" in err
+    assert stopped["train_seconds"] > 3 * 0.4
+    assert not (cut / "model").exists()
+    subprocess.run(_train_cmd(cut, ["checkpoint_every=0", "resume=latest"]), env=ENV, check=True,
+                   capture_output=True, cwd=ROOT)
+    _assert_same_weights(reference_weights, load_file(cut / "model" / "model.safetensors"))
+    logs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in logs] == list(range(1, 11))
+    after = [r["elapsed_s"] for r in logs if r["step"] > stopped["step"]]
+    assert after[0] >= stopped["train_seconds"]
+
+
+def test_a_fresh_run_does_not_mix_with_an_earlier_runs_checkpoints(tmp_path):
+    """Pruning keeps the newest checkpoints, and resume=latest takes the newest: a new run into a folder
+    holding another run's step-4 would delete its own step-2 and later resume the other run. Refused;
+    overwrite=true starts over, with its own log."""
+    out = tmp_path / "run"
+    common = [str(ROOT / "configs/train/shapes-tiny.yaml"), *SMALL, f"output_dir={out}", "data.validation=null",
+              "data.train=shapes:train:48"]  # the command line's short form of a source
+    assert main([*common, "max_steps=4", "checkpoint_every=2"]) == 0
+    assert main([*common, "max_steps=2", "checkpoint_every=1"]) == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert main([*common, "max_steps=2", "checkpoint_every=1", "overwrite=true"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_config_refuses_values_a_run_cannot_use():
+    for override, message in [
+        ("batch_size=0", "batch_size: must be >= 1"), ("grad_accum=0", "grad_accum: must be >= 1"),
+        ("optim.lr=-1e-3", "optim.lr: must be > 0"), ("max_steps=1.5", "max_steps: expected a whole number"),
+        ("precision=bf17", "precision: must be one of"), ("progress=maybe", "progress: expected true or false"),
+        ("best_metric=cidr", "did you mean 'cider'"), ("best_metric=cider", "needs a validation source"),
+        ("data.train=[{format: shapez}]", r"data.train\[0\]: unknown data format 'shapez'; did you mean 'shapes'"),
+        ("data.train=[{format: jsonl, pth: a.jsonl}]", r"data.train\[0\]: unknown data source key 'pth'; did you mean 'path'"),
+        ("data.validation=7", "data.validation: expected a source mapping or a short form"),
+        ("out=x", "unknown config key 'out'; did you mean 'output_dir'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+    cfg = load_config(None, ["data.train=shapes:train:40", "data.validation=shapes:validation:5", "max_steps=3.0"])
+    assert cfg.data.train == [{"format": "shapes", "split": "train", "size": 40}]
+    assert cfg.data.validation == {"format": "shapes", "split": "validation", "size": 5}
+    assert cfg.max_steps == 3 and isinstance(cfg.max_steps, int)
+
+
+def test_a_part_with_learning_rate_zero_does_not_move():
+    from mmgpt import build_model
+    from train.parts import param_groups
+
+    model, _ = build_model("tiny", texts=["a red circle"])
+    for name in ("adamw", "muon"):
+        cfg = load_config(None, [f"optim.name={name}", "optim.lr_vision=0", "optim.lr_decoder=2e-4",
+                                 "optim.muon_lr=8e-3"])
+        lr_of = {id(p): g["lr"] for g in param_groups(model, cfg) for p in g["params"]}
+        assert {lr_of[id(p)] for p in model.vision.parameters() if p.requires_grad} == {0}, name
+        decoder = {lr_of[id(p)] for p in model.decoder.parameters()}
+        assert decoder == ({2e-4} if name == "adamw" else {2e-4, 8e-3}), name
+
+
+def test_best_value_and_step_go_into_checkpoints(tmp_path):
+    """A resumed run compares later evaluations with the best so far (it started from None before, so
+    a worse model replaced OUT/best)."""
+    out = tmp_path / "run"
+    assert main([str(ROOT / "configs/train/shapes-tiny.yaml"), *SMALL, "max_steps=4", f"output_dir={out}",
+                 "data.validation={format: shapes, split: validation, size: 4}", "data.eval_images=4",
+                 "eval_every=2", "checkpoint_every=2", "best_metric=retrieval_i2t_r1"]) == 0
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    values = {r["step"]: r["eval"]["retrieval_i2t_r1"] for r in evals}
+    best = json.loads((out / "best" / "best_metric.json").read_text())
+    assert best["retrieval_i2t_r1"] == max(values.values()) and values[best["step"]] == best["retrieval_i2t_r1"]
+    for step in (2, 4):
+        state = json.loads((out / "checkpoints" / f"step-{step}" / "trainer_state.json").read_text())
+        assert state["best"] == max(v for s, v in values.items() if s <= step)
+
+
+def test_batches_without_a_caption_train_with_the_contrastive_loss_on(tmp_path):
+    """Questions only (the contrastive loss has no caption row to pair): the step is the LM step, as
+    with itc_weight 0 (it crashed on an empty text batch before)."""
+    from mmgpt import build_model
+
+    torch.manual_seed(0)
+    model, proc = build_model("tiny", texts=["what shape is it? circle", "how many? two"])
+    model.train()
+    batch = proc.batch_examples(["vqa", "vqa"], ["what shape is it?", "how many?"], ["circle", "two"])
+    batch.update(pixel_values=torch.randn(2, 3, 64, 64), itc_mask=torch.zeros(2, dtype=torch.bool))
+    out = model(**batch)
+    out.loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.config.itc_weight = 0.0
+    ref = model(**batch)
+    ref.loss.backward()
+    assert out.itc_loss.item() == 0.0 and torch.allclose(out.loss, ref.loss)
+    for k, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(grads[k], p.grad, atol=1e-7), k
+    run = tmp_path / "run"
+    assert main([str(ROOT / "configs/train/shapes-tiny.yaml"), *SMALL, "max_steps=2", f"output_dir={run}",
+                 "data.validation=null", "data.train=[{format: shapes, size: 16, task_mix: {vqa: 1}}]"]) == 0
 
 
 @pytest.mark.parametrize("hard_negatives", [False, True, "questions"])

@@ -111,6 +111,7 @@ class TrainConfig:
     output_dir: str = "runs/train"
     seed: int = 0
     resume: str | None = None  # "latest" or a checkpoint folder
+    overwrite: bool = False  # a fresh run into an output_dir with checkpoints: delete them (else refused)
     log_every: int = 10
     trackers: list = field(default_factory=list)  # e.g. ["tensorboard"]
     deterministic: bool = False
@@ -118,7 +119,10 @@ class TrainConfig:
 
 
 def _nearest(key: str, valid) -> str:
-    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.0)
+    """The valid key the user most likely meant: one that starts with what was typed (`out` ->
+    `output_dir`), else the closest spelling; nothing when no key is close."""
+    valid = sorted(valid)
+    match = [v for v in valid if v.startswith(key)] or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
@@ -149,13 +153,23 @@ def _coerce(value: Any, annotation, path: str) -> Any:
     if isinstance(value, bool) and str in args and bool not in args:
         # YAML 1.1 reads a bare no / yes / off / on as a bool: `precision: no` means the string
         return "no" if value is False else "yes"
+    whole = int in args and float not in args
     if isinstance(value, str) and (float in args or int in args):
         try:
-            return int(value) if int in args and float not in args else float(value)
+            value = float(value)
         except ValueError:
             raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+    if isinstance(value, float) and whole:
+        if not value.is_integer():
+            raise ConfigError(f"{path}: expected a whole number, got {value!r}")
+        return int(value)
     if isinstance(value, int) and not isinstance(value, bool) and float in args and int not in args:
         return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if (int in args or float in args) and (isinstance(value, bool) or not isinstance(value, (int, float))) \
+            and not (value is None and type(None) in args):
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
     return value
 
 
@@ -200,9 +214,89 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _check_override_path(key.strip())
         _set(tree, key.strip(), yaml.safe_load(raw) if raw else None)
     cfg = _build(TrainConfig, tree, "")
-    if cfg.optim.name not in ("adamw", "muon"):
-        raise ConfigError(f"optim.name: {cfg.optim.name!r} is not an optimizer mmgpt knows; use 'adamw' or 'muon'")
+    _check_values(cfg)
+    _check_data(cfg.data)
     return cfg
+
+
+# Metrics the in-training evaluation reports (higher is better), for `best_metric`; a per-type
+# breakdown such as `caption_exact_match/3_objects` or `vqa_accuracy/color` is accepted too.
+EVAL_METRICS = ("caption_exact_match", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider", "vqa_accuracy",
+                *(f"retrieval_{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)))
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """Ranges a typo or a sign slip can break, refused before any work starts."""
+    o, d = cfg.optim, cfg.data
+
+    def need(ok: bool, key: str, value, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {what}, got {value!r}")
+
+    for key in ("batch_size", "grad_accum", "max_steps", "log_every"):
+        need(getattr(cfg, key) >= 1, key, getattr(cfg, key), "must be >= 1")
+    for key in ("eval_every", "checkpoint_every", "keep_checkpoints"):
+        need(getattr(cfg, key) >= 0, key, getattr(cfg, key), "must be >= 0 (0 = off)")
+    need(cfg.max_minutes is None or cfg.max_minutes > 0, "max_minutes", cfg.max_minutes, "must be > 0 (or null)")
+    need(cfg.precision in PRECISIONS, "precision", cfg.precision, f"must be one of {', '.join(PRECISIONS)}")
+    need(o.name in ("adamw", "muon"), "optim.name", o.name, "must be 'adamw' or 'muon'")
+    need(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    need(o.muon_lr is None or o.muon_lr > 0, "optim.muon_lr", o.muon_lr, "must be > 0 (or null: each part's lr)")
+    for key in ("lr_vision", "lr_adapter", "lr_decoder"):
+        v = getattr(o, key)
+        need(v is None or v >= 0, f"optim.{key}", v, "must be >= 0 (0 = this part does not move; null = optim.lr)")
+    need(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    need(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    need(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = no clipping)")
+    need(o.eps > 0, "optim.eps", o.eps, "must be > 0")
+    need(len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas),
+         "optim.betas", o.betas, "must be two numbers in [0, 1)")
+    need(0 <= o.muon_momentum < 1, "optim.muon_momentum", o.muon_momentum, "must be in [0, 1)")
+    need(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    need(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1]")
+    need(d.eval_images >= 1, "data.eval_images", d.eval_images, "must be >= 1")
+    need(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "must be >= 1")
+    if cfg.best_metric is not None:
+        base = cfg.best_metric.split("/")[0]
+        if base not in EVAL_METRICS or (base != cfg.best_metric and base not in ("caption_exact_match", "vqa_accuracy")):
+            raise ConfigError(f"best_metric: {cfg.best_metric!r} is not a metric the evaluation reports"
+                              f"{_nearest(cfg.best_metric, EVAL_METRICS)} (metrics: {', '.join(EVAL_METRICS)})")
+        if not d.validation:
+            raise ConfigError("best_metric needs a validation source to score: set data.validation "
+                              "(e.g. data.validation=shapes:validation:300)")
+
+
+def _check_data(d: DataConfig) -> None:
+    """Data sources as spec dicts, checked now: a command-line short form (`csv:data.csv`) becomes its
+    dict, and a typo in a format or key is an error before the model is built."""
+    from train.data.sources import SourceSpec, parse_source
+
+    def spec(value, where: str) -> dict:
+        if not isinstance(value, (str, dict)):
+            raise ConfigError(f"{where}: expected a source mapping or a short form such as shapes:train:1000, "
+                              f"got {value!r}")
+        try:
+            if isinstance(value, str):
+                value = parse_source(value)
+            SourceSpec.from_dict(value)
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        return value
+
+    train = d.train if isinstance(d.train, list) else [d.train]
+    if not train:
+        raise ConfigError("data.train: no training source given")
+    d.train = [spec(v, f"data.train[{i}]") for i, v in enumerate(train)]
+    for key in ("validation", "test"):
+        value = getattr(d, key)
+        if value is None:
+            continue
+        if isinstance(value, list):
+            setattr(d, key, [spec(v, f"data.{key}[{i}]") for i, v in enumerate(value)])
+        else:
+            setattr(d, key, spec(value, f"data.{key}"))
 
 
 def to_dict(cfg: TrainConfig) -> dict:

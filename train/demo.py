@@ -66,7 +66,8 @@ def run_demo(out_dir: str | Path, overrides: list[str] | None = None, test_image
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(DEMO_CONFIG, [f"output_dir={out / 'train'}", *(overrides or [])])
+    # Each demo starts over (overwrite=true; resume=latest continues a stopped one instead).
+    cfg = load_config(DEMO_CONFIG, [f"output_dir={out / 'train'}", "overwrite=true", *(overrides or [])])
     print(f"mmgpt demo: training the tiny preset on shapes for at most {cfg.max_minutes} minutes "
           f"({cfg.max_steps} steps max) -> {out}", flush=True)
     summary = run_training(cfg)

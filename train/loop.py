@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, IterableDataset
 
-from train.checkpoint import latest_checkpoint, save_checkpoint
+from train.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from train.collate import MODEL_KEYS, Collator
-from train.config import TrainConfig, to_dict
-from train.data.bad import BadDataCounter
+from train.config import ConfigError, TrainConfig, to_dict
+from train.data.bad import BadDataCounter, DataError
 from train.parts import FeatureCache, apply_freezing_and_lora, export_model, lr_lambda, param_groups
 
 _STEP_DELAY = float(os.environ.get("MMGPT_TEST_STEP_DELAY", "0") or 0)
@@ -21,6 +23,16 @@ _STEP_DELAY = float(os.environ.get("MMGPT_TEST_STEP_DELAY", "0") or 0)
 
 class TrainingError(RuntimeError):
     """The run cannot go on (repeated non-finite losses, too much bad data); the message says why."""
+
+
+class Interrupted(Exception):
+    """SIGINT / SIGTERM stopped the run after a checkpoint of its last finished step was written."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        where = f"checkpoint {checkpoint}; continue with resume=latest" if checkpoint else "no checkpoint written"
+        super().__init__(f"{name} at step {step}: {where}")
 
 
 def _precision(cfg: TrainConfig) -> str:
@@ -33,15 +45,19 @@ def _precision(cfg: TrainConfig) -> str:
 
 def build_sources(specs, grouped: bool = True):
     from train.data import build_source
+    from train.data.sources import parse_source
 
-    if isinstance(specs, dict):
+    if isinstance(specs, (dict, str)):
         specs = [specs]
     sets = []
     for spec in specs:
-        spec = dict(spec)
+        spec = parse_source(spec) if isinstance(spec, str) else dict(spec)
         if spec.get("format") == "shapes" and grouped:
             spec.setdefault("grouped", True)
         sets.append(build_source(spec))
+    if len(sets) > 1 and any(isinstance(d, IterableDataset) for d in sets):
+        raise ConfigError("data.train: a streamed source (webdataset) cannot be mixed with other sources; "
+                          "give it alone, or write the others as shards too")
     return sets[0] if len(sets) == 1 else ConcatDataset(sets)
 
 
@@ -49,10 +65,12 @@ def _tokenizer_texts(dataset, limit: int) -> list[str]:
     from mmgpt.processor import DEFAULT_TEMPLATES
 
     texts = []
-    n = len(dataset)
-    step = max(1, n // max(1, limit))
-    for i in range(0, n, step):
-        item = dataset[i]
+    if isinstance(dataset, IterableDataset):  # streamed: the first records
+        items = iter(dataset)
+    else:
+        n = len(dataset)
+        items = (dataset[i] for i in range(0, n, max(1, n // max(1, limit))))
+    for item in items:
         for r in item if isinstance(item, list) else [item]:
             if isinstance(r, dict):
                 texts.append(r["target"])
@@ -71,7 +89,10 @@ def build_model_for(cfg: TrainConfig, train_set):
         model = MMGPTModel.from_pretrained(cfg.model.path)
         processor = MMGPTProcessor.from_pretrained(cfg.model.path)
         return model, processor
-    mc = MMGPTConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
+    try:
+        mc = MMGPTConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model.preset / model.overrides: {err}") from None
     mc.itc_weight, mc.lm_weight = cfg.objectives.itc_weight, cfg.objectives.lm_weight
     mc.label_smoothing = cfg.objectives.label_smoothing
     mc.bow_weight = cfg.objectives.bow_weight
@@ -95,6 +116,9 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
     out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    resume_from = _resume_point(cfg, ckpt_dir)
+    _check_output_dir(cfg, out, resume_from)
     if accelerator is None:
         accelerator = Accelerator(
             mixed_precision=_precision(cfg),
@@ -111,21 +135,37 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
             "configs/accelerate/ddp.yaml)")
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     main = accelerator.is_main_process
+    metrics_path = out / "metrics.jsonl"
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:  # a fresh run: its own log (and, with overwrite, no old checkpoints)
+            if cfg.overwrite:
+                import shutil
+
+                for old in (ckpt_dir, out / "best"):
+                    shutil.rmtree(old, ignore_errors=True)
+            metrics_path.unlink(missing_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str) + "\n")
+    accelerator.wait_for_everyone()
 
     train_set = build_sources(cfg.data.train)
     model, processor = build_model_for(cfg, train_set)
+    if cfg.lora.enabled and not cfg.model.path and not model.config.text_pretrained and main:
+        print("warning: lora.enabled on a decoder with random weights (model.preset "
+              f"{cfg.model.preset!r} names no pretrained decoder): LoRA trains small updates next to frozen "
+              "weights, so this decoder will not learn to write; use a pretrained decoder (e.g. "
+              "model.preset=smollm2-135m) or lora.enabled=false", flush=True)
     apply_freezing_and_lora(model, cfg)
     collate = Collator(processor, train=True, augment=cfg.data.augment, itc_questions=cfg.objectives.itc_questions)
     g = torch.Generator()
     g.manual_seed(cfg.seed)
     # A data set that sets `ordered` (a curriculum over independent random items) is read in order.
+    streamed = isinstance(train_set, IterableDataset)  # shuffled by the source (its shuffle buffer)
     dl = DataLoader(
-        train_set, batch_size=cfg.batch_size, shuffle=not getattr(train_set, "ordered", False), generator=g,
-        collate_fn=collate,
+        train_set, batch_size=cfg.batch_size, generator=g, collate_fn=collate,
+        shuffle=None if streamed else not getattr(train_set, "ordered", False),
         num_workers=cfg.data.num_workers, drop_last=True, persistent_workers=cfg.data.num_workers > 0,
+        worker_init_fn=_worker_ignores_sigint,
     )
     if cfg.optim.name == "muon":
         from train.optim import MuonAdamW
@@ -140,34 +180,29 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
         optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                       eps=cfg.optim.eps, fused=fused or None)
     clock = None
+    timer = {"t0": time.time()}  # the start of training, moved back by the time a resumed run had trained
     if cfg.time_schedule and cfg.max_minutes:
-        budget_start = time.time()
 
         def clock():
-            return (time.time() - budget_start) / (60 * cfg.max_minutes)
+            return (time.time() - timer["t0"]) / (60 * cfg.max_minutes)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, clock))
     model, optimizer, dl, scheduler = accelerator.prepare(model, optimizer, dl, scheduler)
     if cfg.trackers:
         accelerator.init_trackers("mmgpt", config={k: str(v) for k, v in to_dict(cfg).items()})
 
-    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "nonfinite": 0, "bad": {}}
-    ckpt_dir = out / "checkpoints"
-    resume_from = None
-    if cfg.resume == "latest":
-        resume_from = latest_checkpoint(ckpt_dir)
-    elif cfg.resume:
-        resume_from = Path(cfg.resume)
+    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "nonfinite": 0, "bad": {}, "train_seconds": 0.0,
+             "best": None}
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         state.update(json.loads((resume_from / "trainer_state.json").read_text()))
         if main:
+            _drop_log_after(metrics_path, state["step"])  # steps after the checkpoint are trained again
             print(f"resumed from {resume_from} at step {state['step']}", flush=True)
     bad = BadDataCounter.from_dict(state["bad"]) if state["bad"] else BadDataCounter()
 
     unwrapped = accelerator.unwrap_model(model)
-    n_micro = len(dl)
-    if n_micro == 0:
+    if not streamed and len(dl) == 0:
         raise TrainingError(f"the training data gives no full batch of {cfg.batch_size}: use a smaller batch_size")
     bar = None
     if main and cfg.progress:
@@ -177,134 +212,236 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
         # without a total (its ETA would be the step cap's) and the postfix shows the minutes left.
         bar = tqdm(total=None if cfg.max_minutes else cfg.max_steps, initial=state["step"], desc="train",
                    dynamic_ncols=True)
-    metrics_path = out / "metrics.jsonl"
     cache = None
     if cfg.freeze.vision and not cfg.data.augment and cfg.freeze.feature_cache == "memory":
         cache = FeatureCache(cfg.freeze.feature_cache_gb * 2**30)
-    t0 = time.time()
+    t0 = timer["t0"] = time.time() - state["train_seconds"]
     seen_rows = seen_items = 0
     last_log_t, last_log_rows = t0, 0
     consecutive_nonfinite = 0
     grad_norm = None
-    best = None
+    best = state["best"]
     summary: dict = {}
     stop = False
+    signals = _StopSignals() if threading.current_thread() is threading.main_thread() else None
+    asked_to_stop = False  # a signal reached some process (all of them agree on it each micro-step)
+    synced = (state["epoch"], state["micro_in_epoch"])  # data position at the last optimizer step
+
+    def checkpoint(step: int) -> Path:
+        state["bad"], state["best"] = bad.to_dict(), best
+        state["train_seconds"] = time.time() - t0
+        return save_checkpoint(accelerator, ckpt_dir, step, state, keep=cfg.keep_checkpoints)
+
     model.train()
-    while not stop and state["step"] < cfg.max_steps:
-        if hasattr(dl, "set_epoch"):
-            dl.set_epoch(state["epoch"])
-        epoch_dl = dl
-        if state["micro_in_epoch"]:
-            epoch_dl = accelerator.skip_first_batches(dl, state["micro_in_epoch"])
-        for batch in epoch_dl:
-            state["micro_in_epoch"] += 1
-            bad.add(batch["bad"])
-            seen_items += batch["num_images"] + len(batch["bad"])
-            if "pixel_values" not in batch:
-                continue
-            inputs = {k: batch[k] for k in MODEL_KEYS if k in batch}
-            if cache is not None:
-                cached = cache.vision_outputs(unwrapped, inputs["pixel_values"], batch["image_ids"])
-                if cached is not None:
-                    inputs["vision_outputs"] = cached
-                    del inputs["pixel_values"]
-            with accelerator.accumulate(model):
-                outputs = model(**inputs)
-                loss = outputs.loss
-                ramp = cfg.objectives.itc_warmup_steps
-                if ramp and state["step"] < ramp and outputs.itc_loss is not None:
-                    # model loss = lm + w * itc; take back the part of w * itc not yet ramped in
-                    loss = loss - (1 - state["step"] / ramp) * cfg.objectives.itc_weight * outputs.itc_loss
-                finite = torch.isfinite(loss.detach()).float()
-                if accelerator.num_processes > 1:
-                    finite = accelerator.reduce(finite, reduction="min")
-                if finite.item() < 1:
-                    state["nonfinite"] += 1
-                    consecutive_nonfinite += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    if consecutive_nonfinite >= 5:
-                        raise TrainingError(
-                            f"{consecutive_nonfinite} non-finite losses in a row at step {state['step']}: "
-                            "lower optim.lr, raise optim.warmup_steps, or use precision=no/bf16"
-                        )
+    try:
+        while not stop and state["step"] < cfg.max_steps:
+            if hasattr(dl, "set_epoch"):
+                dl.set_epoch(state["epoch"])
+            epoch_dl = dl
+            if state["micro_in_epoch"]:
+                epoch_dl = accelerator.skip_first_batches(dl, state["micro_in_epoch"])
+            got_batch = False
+            for batch in epoch_dl:
+                got_batch = True
+                state["micro_in_epoch"] += 1
+                bad.add(batch["bad"])
+                seen_items += batch["num_images"] + len(batch["bad"])
+                if "pixel_values" not in batch:
                     continue
-                consecutive_nonfinite = 0
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.optim.grad_clip:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            seen_rows += batch["num_rows"]
-            if not accelerator.sync_gradients:
-                continue
-            state["step"] += 1
-            step = state["step"]
-            if bar is not None:
-                bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                now = time.time()
-                rec = {
-                    "step": step,
-                    "epoch": state["epoch"],
-                    "loss": loss.item(),
-                    "lm_loss": outputs.lm_loss.item() if outputs.lm_loss is not None else None,
-                    "itc_loss": outputs.itc_loss.item() if outputs.itc_loss is not None else None,
-                    "bow_loss": outputs.bow_loss.item() if outputs.bow_loss is not None else None,
-                    "lr": scheduler.get_last_lr()[0],
-                    # before clipping; a spike here is what precedes a contrastive collapse
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "logit_scale": _logit_scale(unwrapped),
-                    "rows_per_s": (seen_rows - last_log_rows) * accelerator.num_processes / max(1e-9, now - last_log_t),
-                    "elapsed_s": now - t0,
-                }
-                last_log_t, last_log_rows = now, seen_rows
-                if main:
-                    _log(metrics_path, rec)
-                    if bar is not None:
-                        post = {"loss": f"{rec['loss']:.3f}", "rows_s": f"{rec['rows_per_s']:.0f}"}
-                        if cfg.max_minutes:
-                            post["min_left"] = f"{max(0.0, cfg.max_minutes - (now - t0) / 60):.1f}"
-                        bar.set_postfix(**post)
-                accelerator.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=step)
-            if seen_items >= 200:
-                bad.check(seen_items, cfg.data.max_bad_fraction)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                state["bad"] = bad.to_dict()
-                save_checkpoint(accelerator, ckpt_dir, step, state, keep=cfg.keep_checkpoints)
-            if cfg.eval_every and step % cfg.eval_every == 0 and cfg.data.validation:
-                summary = _evaluate(accelerator, unwrapped, processor, cfg, step, metrics_path)
-                best = _keep_best(accelerator, unwrapped, processor, cfg, summary, best, out)
-                model.train()
-            if _STEP_DELAY:
-                time.sleep(_STEP_DELAY)  # test hook: slows steps so a test can kill the run mid-way
-            if cfg.max_minutes and (time.time() - t0) / 60 >= cfg.max_minutes:
-                stop = True
-            if step >= cfg.max_steps or stop:
-                break
-        else:
-            state["epoch"] += 1
-            state["micro_in_epoch"] = 0
+                inputs = {k: batch[k] for k in MODEL_KEYS if k in batch}
+                if cache is not None:
+                    cached = cache.vision_outputs(unwrapped, inputs["pixel_values"], batch["image_ids"])
+                    if cached is not None:
+                        inputs["vision_outputs"] = cached
+                        del inputs["pixel_values"]
+                with accelerator.accumulate(model):
+                    outputs = model(**inputs)
+                    loss = outputs.loss
+                    ramp = cfg.objectives.itc_warmup_steps
+                    if ramp and state["step"] < ramp and outputs.itc_loss is not None:
+                        # model loss = lm + w * itc; take back the part of w * itc not yet ramped in
+                        loss = loss - (1 - state["step"] / ramp) * cfg.objectives.itc_weight * outputs.itc_loss
+                    finite = torch.isfinite(loss.detach()).float()
+                    if accelerator.num_processes > 1:
+                        # One collective for both: every loss finite (min), and a stop signal anywhere
+                        # (min of minus the flags = minus their max), so all processes stop at one step.
+                        flags = torch.stack([finite, finite.new_tensor(-float(bool(signals and signals.signum)))])
+                        flags = accelerator.reduce(flags, reduction="min")
+                        finite, asked_to_stop = flags[0], asked_to_stop or bool(flags[1] < 0)
+                    if finite.item() < 1:
+                        state["nonfinite"] += 1
+                        consecutive_nonfinite += 1
+                        optimizer.zero_grad(set_to_none=True)
+                        if consecutive_nonfinite >= 5:
+                            raise TrainingError(
+                                f"{consecutive_nonfinite} non-finite losses in a row at step {state['step']}: "
+                                "lower optim.lr, raise optim.warmup_steps, or use precision=no/bf16"
+                            )
+                        continue
+                    consecutive_nonfinite = 0
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.optim.grad_clip:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                seen_rows += batch["num_rows"]
+                if not accelerator.sync_gradients:
+                    continue
+                state["step"] += 1
+                step = state["step"]
+                synced = (state["epoch"], state["micro_in_epoch"])
+                if bar is not None:
+                    bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    now = time.time()
+                    rec = {
+                        "step": step,
+                        "epoch": state["epoch"],
+                        "loss": loss.item(),
+                        "lm_loss": outputs.lm_loss.item() if outputs.lm_loss is not None else None,
+                        "itc_loss": outputs.itc_loss.item() if outputs.itc_loss is not None else None,
+                        "bow_loss": outputs.bow_loss.item() if outputs.bow_loss is not None else None,
+                        "lr": scheduler.get_last_lr()[0],
+                        # before clipping; a spike here is what precedes a contrastive collapse
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "logit_scale": _logit_scale(unwrapped),
+                        "rows_per_s": (seen_rows - last_log_rows) * accelerator.num_processes / max(1e-9, now - last_log_t),
+                        "elapsed_s": now - t0,
+                    }
+                    last_log_t, last_log_rows = now, seen_rows
+                    if main:
+                        _log(metrics_path, rec)
+                        if bar is not None:
+                            post = {"loss": f"{rec['loss']:.3f}", "rows_s": f"{rec['rows_per_s']:.0f}"}
+                            if cfg.max_minutes:
+                                post["min_left"] = f"{max(0.0, cfg.max_minutes - (now - t0) / 60):.1f}"
+                            bar.set_postfix(**post)
+                    accelerator.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=step)
+                if seen_items >= 200:
+                    bad.check(seen_items, cfg.data.max_bad_fraction)
+                saved = None
+                if cfg.eval_every and step % cfg.eval_every == 0 and cfg.data.validation:
+                    summary = _evaluate(accelerator, unwrapped, processor, cfg, step, metrics_path)
+                    best = _keep_best(accelerator, unwrapped, processor, cfg, summary, best, out, step)
+                    model.train()
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    saved = checkpoint(step)
+                if signals is not None and (signals.signum if accelerator.num_processes == 1 else asked_to_stop):
+                    raise Interrupted(signals.signum or signal.SIGTERM, step, saved or checkpoint(step))
+                if _STEP_DELAY:
+                    time.sleep(_STEP_DELAY)  # test hook: slows steps so a test can kill the run mid-way
+                if cfg.max_minutes and (time.time() - t0) / 60 >= cfg.max_minutes:
+                    stop = True
+                if step >= cfg.max_steps or stop:
+                    break
+            else:
+                if not got_batch and not state["micro_in_epoch"]:
+                    raise TrainingError(f"the training data gives no full batch of {cfg.batch_size}: "
+                                        "use a smaller batch_size or more data")
+                state["epoch"] += 1
+                state["micro_in_epoch"] = 0
+                synced = (state["epoch"], 0)
+    except Interrupted:
+        raise
+    except Exception:
+        # A signal that killed the data workers surfaces here (the loader lost them): keep the last step.
+        if signals is None or not signals.signum or accelerator.num_processes > 1:
+            raise
+        state["epoch"], state["micro_in_epoch"] = synced
+        raise Interrupted(signals.signum, state["step"], checkpoint(state["step"]) if state["step"] else None) from None
+    finally:
+        if signals is not None:
+            signals.restore()
+
     if bar is not None:
         bar.close()
     train_seconds = time.time() - t0
     accelerator.wait_for_everyone()
-    if bad.total:
-        if main:
-            print(bad.summary(seen_items), flush=True)
-        bad.check(seen_items, cfg.data.max_bad_fraction)
+    if bad.total and main:
+        print(bad.summary(seen_items), flush=True)
     if cfg.data.validation and not cfg.eval_every:
         summary = _evaluate(accelerator, unwrapped, processor, cfg, state["step"], metrics_path)
-        best = _keep_best(accelerator, unwrapped, processor, cfg, summary, best, out)
+        best = _keep_best(accelerator, unwrapped, processor, cfg, summary, best, out, state["step"])
     if main:
         export_model(unwrapped, processor, out / "model", cfg.lora.enabled)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    try:  # judged on the whole run now (a short run never reached the mid-run check's minimum)
+        bad.check(seen_items, cfg.data.max_bad_fraction, final=True)
+    except DataError as err:
+        raise DataError(f"{err} (the model trained on the rest was still saved to {out / 'model'})") from None
     if cache is not None and main:
         print(f"feature cache: {cache.hits} hits, {cache.misses} misses, {cache.bytes / 2**20:.0f} MiB", flush=True)
     return {"step": state["step"], "train_seconds": train_seconds, "nonfinite_steps": state["nonfinite"],
             "bad_records": bad.to_dict(), "eval": summary, "model_dir": str(out / "model")}
+
+
+def _resume_point(cfg: TrainConfig, ckpt_dir: Path) -> Path | None:
+    """The checkpoint to continue from: resume=latest (None when there is none yet: a fresh start) or a
+    checkpoint folder, which must hold one."""
+    if cfg.resume == "latest":
+        return latest_checkpoint(ckpt_dir)
+    if not cfg.resume:
+        return None
+    path = Path(cfg.resume)
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"resume: {str(path)!r} is not a checkpoint folder (no trainer_state.json); give "
+                          f"resume=latest or a folder such as {ckpt_dir / 'step-100'}")
+    return path
+
+
+def _check_output_dir(cfg: TrainConfig, out: Path, resume_from: Path | None) -> None:
+    """A fresh run must not mix with an earlier run's checkpoints: keeping the newest ones would delete its
+    own as soon as they are written, and resume=latest would then pick the other run."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {str(out)!r} is a file; give a folder")
+    if resume_from is None and not cfg.overwrite:
+        earlier = list_checkpoints(out / "checkpoints")
+        if earlier:
+            raise ConfigError(
+                f"output_dir {str(out)!r} holds checkpoints of an earlier run (up to {earlier[-1].name}): "
+                "continue it with resume=latest, start over with overwrite=true (deletes them), or give "
+                "another output_dir")
+
+
+def _drop_log_after(path: Path, step: int) -> None:
+    """Forget the log lines of steps after `step` (they are trained again); a torn last line goes too."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line + "\n")
+        except ValueError:
+            continue
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+class _StopSignals:
+    """SIGINT / SIGTERM ask the loop to stop after the step in flight, with a checkpoint of it; a second
+    signal acts at once (the handlers before these are put back by the first)."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        self.restore()
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _worker_ignores_sigint(_worker_id: int) -> None:
+    """Ctrl-C reaches the data workers too; they leave it to the main process, which stops cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _evaluate(accelerator, model, processor, cfg, step, metrics_path) -> dict:
@@ -335,12 +472,14 @@ def _first_images(dataset, n_images: int) -> list[dict]:
         for i in range(min(n_images, dataset.size)):
             recs += dataset.records_for_image(i)
         return recs
+    from train.data.records import image_key
+
     recs, ids = [], set()
     for i in range(len(dataset)):
         r = dataset[i]
         if not isinstance(r, dict):
             continue
-        key = r.get("image_id", i)
+        key = image_key(r)
         if key not in ids and len(ids) >= n_images:
             break
         ids.add(key)
@@ -348,7 +487,7 @@ def _first_images(dataset, n_images: int) -> list[dict]:
     return recs
 
 
-def _keep_best(accelerator, model, processor, cfg, metrics, best, out: Path):
+def _keep_best(accelerator, model, processor, cfg, metrics, best, out: Path, step: int):
     if not cfg.best_metric or not metrics or cfg.best_metric not in metrics:
         return best
     value = metrics[cfg.best_metric]
@@ -362,6 +501,6 @@ def _keep_best(accelerator, model, processor, cfg, metrics, best, out: Path):
 
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            (final / "best_metric.json").write_text(json.dumps({cfg.best_metric: value}) + "\n")
+            (final / "best_metric.json").write_text(json.dumps({cfg.best_metric: value, "step": step}) + "\n")
         return value
     return best

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     from train.config import ConfigError, load_config
     from train.data.bad import DataError
-    from train.loop import TrainingError, run_training
+    from train.loop import Interrupted, TrainingError, run_training
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -30,6 +30,12 @@ def run(args) -> int:
     except (ConfigError, DataError, TrainingError) as err:
         print(f"mmgpt train: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            print(f"mmgpt train: stopped by {stop}", file=sys.stderr)
+        return 128 + stop.signum
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # one summary line per run, not one per process

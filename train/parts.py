@@ -22,10 +22,10 @@ def param_groups(model, cfg: TrainConfig) -> list[dict]:
         if not p.requires_grad:
             continue
         part = name.split(".")[0]
-        lr = part_lr.get(part) or o.lr
+        lr = o.lr if part_lr.get(part) is None else part_lr[part]  # an explicit 0 holds the part still
         decay = p.ndim >= 2 and "wpe" not in name and "position" not in name
         muon = o.name == "muon" and wants_muon(name, p)
-        if muon and o.muon_lr is not None:
+        if muon and o.muon_lr is not None and lr != 0:
             lr = o.muon_lr
         key = (lr, decay, muon)
         g = groups.setdefault(key, {"params": [], "lr": lr, "weight_decay": o.weight_decay if decay else 0.0})

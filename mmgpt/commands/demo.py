@@ -8,7 +8,19 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from train.demo import run_demo
+    import sys
 
-    run_demo(args.out, args.overrides, test_images=args.test_images)
+    from mmgpt.cli import UserError
+    from train.config import ConfigError
+    from train.data.bad import DataError
+    from train.demo import run_demo
+    from train.loop import Interrupted, TrainingError
+
+    try:
+        run_demo(args.out, args.overrides, test_images=args.test_images)
+    except (ConfigError, DataError, TrainingError) as err:
+        raise UserError(str(err)) from None
+    except Interrupted as stop:
+        print(f"mmgpt demo: stopped by {stop}", file=sys.stderr)
+        return 128 + stop.signum
     return 0
