@@ -125,7 +125,9 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
             gradient_accumulation_steps=cfg.grad_accum,
             log_with=cfg.trackers or None,
             project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            # dispatch_batches=False: a streamed source splits its shards by rank itself (Accelerate would
+            # otherwise read every batch on process 0 and send it out)
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, dispatch_batches=False),
             step_scheduler_with_optimizer=False,
         )
     if cfg.optim.name == "muon" and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
