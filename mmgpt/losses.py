@@ -24,19 +24,24 @@ def gather_with_grad(x: torch.Tensor, grad: bool = True) -> tuple[torch.Tensor, 
     rank, world = _world()
     if world == 1:
         return x, 0
-    from torch.distributed._functional_collectives import all_gather_tensor, all_gather_tensor_autograd
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
     n = torch.tensor([x.shape[0]], device=x.device)
     counts = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(counts, n)
     counts = [int(c.item()) for c in counts]
     width = max(counts)
+    if width == 0:  # no process has a row (e.g. batches of questions only)
+        return x, 0
     if x.shape[0] < width:
         pad = x.new_zeros((width - x.shape[0], *x.shape[1:]))
         x = torch.cat([x, pad], dim=0)  # (width, ...)
     group = dist.group.WORLD
-    gather = all_gather_tensor_autograd if grad else all_gather_tensor
-    full = gather(x.contiguous(), gather_dim=0, group=group)  # (world * width, ...)
+    if grad:
+        full = all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=group)  # (world * width, ...)
+    else:
+        full = x.new_empty((world * width, *x.shape[1:]))
+        dist.all_gather_into_tensor(full, x.contiguous(), group=group)
     full = torch.cat([full[r * width : r * width + c] for r, c in enumerate(counts)], dim=0)  # (sum n_r, ...)
     return full, sum(counts[:rank])
 

@@ -240,7 +240,8 @@ def _check_values(cfg: TrainConfig) -> None:
         need(getattr(cfg, key) >= 0, key, getattr(cfg, key), "must be >= 0 (0 = off)")
     need(cfg.max_minutes is None or cfg.max_minutes > 0, "max_minutes", cfg.max_minutes, "must be > 0 (or null)")
     need(cfg.precision in PRECISIONS, "precision", cfg.precision, f"must be one of {', '.join(PRECISIONS)}")
-    need(o.name in ("adamw", "muon"), "optim.name", o.name, "must be 'adamw' or 'muon'")
+    if o.name not in ("adamw", "muon"):
+        raise ConfigError(f"optim.name: {o.name!r} is not an optimizer mmgpt knows; use 'adamw' or 'muon'")
     need(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     need(o.muon_lr is None or o.muon_lr > 0, "optim.muon_lr", o.muon_lr, "must be > 0 (or null: each part's lr)")
     for key in ("lr_vision", "lr_adapter", "lr_decoder"):
