@@ -401,7 +401,7 @@ def test_merged_lora_gives_the_outputs_of_unmerged_and_saves_plain_weights(tmp_p
     assert torch.equal(again.logits, merged.logits)
 
 
-def test_training_entry_point_runs_the_prefix_recipe_with_lora_and_exports_merged_weights(tmp_path):
+def test_training_entry_point_runs_the_prefix_recipe_with_lora_and_exports_merged_weights(tmp_path, capsys):
     from pathlib import Path
 
     from train.main import main
@@ -413,6 +413,7 @@ def test_training_entry_point_runs_the_prefix_recipe_with_lora_and_exports_merge
                "data.num_workers=0", "model.tokenizer_texts=200", "max_steps=3", "optim.warmup_steps=1",
                "data.validation=null", "lora.enabled=true", "lora.r=4", f"output_dir={out}"])
     assert rc == 0
+    assert "lora.enabled on a decoder with random weights" in capsys.readouterr().out  # tiny-prefix: no checkpoint
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3]
     assert not any("lora" in k for k in load_file(out / "model" / "model.safetensors"))
