@@ -40,3 +40,13 @@ def test_optimizer_step_benchmark_times_both_optimizers_on_the_recipe():
     res = measure(1, ["batch_size=4", "model.tokenizer_texts=200"])
     assert set(res) == {"adamw", "muon"}
     assert all(0 < r["optimizer_ms"] < r["step_ms"] for r in res.values())
+
+
+def test_decode_kernels_benchmark_checks_each_kernel_against_addmm():
+    """Every one-row kernel it times computes the product (checked inside against addmm) over the small
+    decoder's 62 MB of weights."""
+    from benchmarks import decode_kernels
+
+    times, n_bytes = decode_kernels.measure(iters=1)
+    assert set(times) == set(decode_kernels.KERNELS) and all(t > 0 for t in times.values())
+    assert round(n_bytes / 1e6) == 62
