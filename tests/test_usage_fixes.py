@@ -129,9 +129,12 @@ def test_data_shapes_rerun_with_fewer_images_removes_its_stale_images(capsys, tm
     assert rc == 0, err
     (out_dir / "notes.txt").write_text("mine")
     (out_dir / "photo.png").write_bytes(b"not ours")
+    (out_dir / "12345.png").write_bytes(b"a user's image with a number for a name")
     rc, out, err = run_cli(capsys, "data", "shapes", out_dir, "--n", "1", "--split", "test")
-    assert rc == 0, err and "wrote 1 test images" in out
-    assert sorted(p.name for p in out_dir.iterdir()) == ["00000.png", "metadata.jsonl", "notes.txt", "photo.png"]
+    assert rc == 0, err
+    assert "wrote 1 test images" in out
+    assert sorted(p.name for p in out_dir.iterdir()) == ["00000.png", "12345.png", "metadata.jsonl", "notes.txt",
+                                                         "photo.png"]
     rows = [json.loads(line) for line in (out_dir / "metadata.jsonl").read_text().splitlines()]
     assert {r["file_name"] for r in rows} == {"00000.png"}
     assert len(build_source(f"imagefolder:{out_dir}")) == len(rows)

@@ -223,7 +223,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # breakdown such as `caption_exact_match/3_objects` or `vqa_accuracy/color` is accepted too.
 EVAL_METRICS = ("caption_exact_match", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider", "vqa_accuracy",
                 *(f"retrieval_{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)))
-PRECISIONS = ("auto", "no", "bf16", "fp16")
+PRECISIONS = ("auto", "no", "bf16", "fp16", "fp8")
 
 
 def _check_values(cfg: TrainConfig) -> None:
@@ -236,8 +236,9 @@ def _check_values(cfg: TrainConfig) -> None:
 
     for key in ("batch_size", "grad_accum", "max_steps", "log_every"):
         need(getattr(cfg, key) >= 1, key, getattr(cfg, key), "must be >= 1")
-    for key in ("eval_every", "checkpoint_every", "keep_checkpoints"):
+    for key in ("eval_every", "checkpoint_every"):
         need(getattr(cfg, key) >= 0, key, getattr(cfg, key), "must be >= 0 (0 = off)")
+    need(cfg.keep_checkpoints >= 0, "keep_checkpoints", cfg.keep_checkpoints, "must be >= 0 (0 = keep all)")
     need(cfg.max_minutes is None or cfg.max_minutes > 0, "max_minutes", cfg.max_minutes, "must be > 0 (or null)")
     need(cfg.precision in PRECISIONS, "precision", cfg.precision, f"must be one of {', '.join(PRECISIONS)}")
     if o.name not in ("adamw", "muon"):
@@ -252,7 +253,8 @@ def _check_values(cfg: TrainConfig) -> None:
     need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
     need(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = no clipping)")
     need(o.eps > 0, "optim.eps", o.eps, "must be > 0")
-    need(len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas),
+    betas_ok = isinstance(o.betas, (list, tuple)) and len(o.betas) == 2
+    need(betas_ok and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas),
          "optim.betas", o.betas, "must be two numbers in [0, 1)")
     need(0 <= o.muon_momentum < 1, "optim.muon_momentum", o.muon_momentum, "must be in [0, 1)")
     need(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")

@@ -54,6 +54,11 @@ def build_sources(specs, grouped: bool = True):
         spec = parse_source(spec) if isinstance(spec, str) else dict(spec)
         if spec.get("format") == "shapes" and grouped:
             spec.setdefault("grouped", True)
+        if spec.get("format") in ("webdataset", "wds"):
+            # Every process reads the whole stream (same order) and Accelerate hands each its share of
+            # every batch: equal step counts on all processes, and one tokenizer sample for all.
+            spec.setdefault("rank", 0)
+            spec.setdefault("world_size", 1)
         sets.append(build_source(spec))
     if len(sets) > 1 and any(isinstance(d, IterableDataset) for d in sets):
         raise ConfigError("data.train: a streamed source (webdataset) cannot be mixed with other sources; "
@@ -167,7 +172,7 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
         train_set, batch_size=cfg.batch_size, generator=g, collate_fn=collate,
         shuffle=None if streamed else not getattr(train_set, "ordered", False),
         num_workers=cfg.data.num_workers, drop_last=True, persistent_workers=cfg.data.num_workers > 0,
-        worker_init_fn=_worker_ignores_sigint,
+        worker_init_fn=_worker_ignores_stop_signals,
     )
     if cfg.optim.name == "muon":
         from train.optim import MuonAdamW
@@ -193,11 +198,16 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
     if cfg.trackers:
         accelerator.init_trackers("mmgpt", config={k: str(v) for k, v in to_dict(cfg).items()})
 
-    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "nonfinite": 0, "bad": {}, "train_seconds": 0.0,
-             "best": None}
+    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "nonfinite": 0, "bad": {}, "seen_items": 0,
+             "train_seconds": 0.0, "best": None}
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        state.update(json.loads((resume_from / "trainer_state.json").read_text()))
+        saved = json.loads((resume_from / "trainer_state.json").read_text())
+        if "seen_items" not in saved:  # written before the count was kept: its bad records can't be judged
+            saved["bad"] = {}
+        if saved.get("best") is None and cfg.best_metric and (out / "best" / "best_metric.json").is_file():
+            saved["best"] = json.loads((out / "best" / "best_metric.json").read_text()).get(cfg.best_metric)
+        state.update(saved)
         if main:
             _drop_log_after(metrics_path, state["step"])  # steps after the checkpoint are trained again
             print(f"resumed from {resume_from} at step {state['step']}", flush=True)
@@ -218,8 +228,8 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
     if cfg.freeze.vision and not cfg.data.augment and cfg.freeze.feature_cache == "memory":
         cache = FeatureCache(cfg.freeze.feature_cache_gb * 2**30)
     t0 = timer["t0"] = time.time() - state["train_seconds"]
-    seen_rows = seen_items = 0
-    last_log_t, last_log_rows = t0, 0
+    seen_rows, seen_items = 0, state["seen_items"]
+    last_log_t, last_log_rows = time.time(), 0
     consecutive_nonfinite = 0
     grad_norm = None
     best = state["best"]
@@ -227,10 +237,9 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
     stop = False
     signals = _StopSignals() if threading.current_thread() is threading.main_thread() else None
     asked_to_stop = False  # a signal reached some process (all of them agree on it each micro-step)
-    synced = (state["epoch"], state["micro_in_epoch"])  # data position at the last optimizer step
 
     def checkpoint(step: int) -> Path:
-        state["bad"], state["best"] = bad.to_dict(), best
+        state["bad"], state["best"], state["seen_items"] = bad.to_dict(), best, seen_items
         state["train_seconds"] = time.time() - t0
         return save_checkpoint(accelerator, ckpt_dir, step, state, keep=cfg.keep_checkpoints)
 
@@ -293,7 +302,6 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
                     continue
                 state["step"] += 1
                 step = state["step"]
-                synced = (state["epoch"], state["micro_in_epoch"])
                 if bar is not None:
                     bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -344,15 +352,6 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
                                         "use a smaller batch_size or more data")
                 state["epoch"] += 1
                 state["micro_in_epoch"] = 0
-                synced = (state["epoch"], 0)
-    except Interrupted:
-        raise
-    except Exception:
-        # A signal that killed the data workers surfaces here (the loader lost them): keep the last step.
-        if signals is None or not signals.signum or accelerator.num_processes > 1:
-            raise
-        state["epoch"], state["micro_in_epoch"] = synced
-        raise Interrupted(signals.signum, state["step"], checkpoint(state["step"]) if state["step"] else None) from None
     finally:
         if signals is not None:
             signals.restore()
@@ -400,7 +399,7 @@ def _check_output_dir(cfg: TrainConfig, out: Path, resume_from: Path | None) -> 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {str(out)!r} is a file; give a folder")
     if resume_from is None and not cfg.overwrite:
-        earlier = list_checkpoints(out / "checkpoints")
+        earlier = [p for p in list_checkpoints(out / "checkpoints") if (p / "trainer_state.json").is_file()]
         if earlier:
             raise ConfigError(
                 f"output_dir {str(out)!r} holds checkpoints of an earlier run (up to {earlier[-1].name}): "
@@ -441,9 +440,11 @@ class _StopSignals:
             signal.signal(sig, old)
 
 
-def _worker_ignores_sigint(_worker_id: int) -> None:
-    """Ctrl-C reaches the data workers too; they leave it to the main process, which stops cleanly."""
+def _worker_ignores_stop_signals(_worker_id: int) -> None:
+    """Ctrl-C reaches the data workers too, and `accelerate launch` passes SIGTERM to each process group:
+    the workers leave both to the main process, which stops after its step (they end with it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _evaluate(accelerator, model, processor, cfg, step, metrics_path) -> dict:

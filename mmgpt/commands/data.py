@@ -10,9 +10,9 @@ def add_arguments(parser) -> None:
         "shapes",
         help="the built-in shapes world, as images + metadata.jsonl",
         description="Write images 00000.png ... and metadata.jsonl into OUT_DIR. Writing into a folder "
-        "written before replaces that data set: metadata.jsonl is rewritten and the images of the earlier "
-        "run that it no longer lists (names of digits only, e.g. 00042.png) are removed; other files are "
-        "left alone.",
+        "written before replaces that data set: metadata.jsonl is rewritten and the images the earlier "
+        "metadata.jsonl listed that the new one does not (e.g. 00042.png of a larger run) are removed; "
+        "other files are left alone.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (created if missing)")

@@ -5,9 +5,9 @@ with ``datasets.load_dataset("imagefolder", data_dir=out_dir)``. Every line has 
 keys (``file_name``, ``task``, ``caption``, ``question``, ``answer``, ``qtype``,
 ``image_id``; the unused ones null), so Arrow infers one schema for the whole file.
 
-Writing into a folder written before replaces it: ``metadata.jsonl`` is rewritten and the images
-it no longer lists that this function wrote (names of digits only, ``00000.png``, ...) are
-removed, so the folder never holds stale images. Other files are left alone.
+Writing into a folder written before replaces it: ``metadata.jsonl`` is rewritten, and the images
+the old one listed that the new one does not (an earlier, larger run's ``00000.png`` ...) are
+removed, so the folder never holds stale images. Files it did not list are left alone.
 """
 
 from __future__ import annotations
@@ -51,6 +51,13 @@ def write_shapes_imagefolder(
     width = max(5, len(str(n - 1)))
     names = {f"{i:0{width}d}.png" for i in range(n)}
     meta = out / "metadata.jsonl"
+    earlier = set()  # the images an earlier run wrote here, by its metadata
+    if meta.is_file():
+        for line in meta.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                earlier.add(str(json.loads(line)["file_name"]))
+            except (ValueError, KeyError, TypeError):
+                continue
     with open(meta, "w", encoding="utf-8") as f:
         for i in range(n):
             records = ds.records_for_image(i) if task_mix is None else ds.group(i)
@@ -68,7 +75,8 @@ def write_shapes_imagefolder(
                     "image_id": r["image_id"],
                 }
                 f.write(json.dumps(row) + "\n")
-    for stale in out.iterdir():  # images of an earlier, larger run: metadata.jsonl no longer lists them
-        if stale.name not in names and IMAGE_NAME.fullmatch(stale.name) and stale.is_file():
+    for name in earlier - names:  # images of an earlier, larger run: metadata.jsonl no longer lists them
+        stale = out / name
+        if IMAGE_NAME.fullmatch(name) and stale.is_file():
             stale.unlink()
     return meta
