@@ -470,6 +470,30 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         inputs.pop("pixel_values", None)  # the memory is computed once, in generate()
         return inputs
 
+    def _fit_positions(self, attention_mask: torch.Tensor, n_memory: int, kwargs: dict) -> None:
+        """A decoder with learned absolute positions (GPT-2: `n_positions`) has no embedding past its
+        last: a prompt that needs more is a ValueError that says so, and `max_new_tokens` past the end
+        is cut to what fits, with a warning (both ended in an IndexError deep inside before)."""
+        tc = self.config.text_config
+        limit = getattr(tc, "n_positions", None) if getattr(tc, "model_type", None) == "gpt2" else None
+        if limit is None:
+            return
+        used = int(attention_mask.sum(dim=1).max()) + (n_memory if self.uses_prefix else 0)
+        image = f" ({n_memory} of them the image's)" if self.uses_prefix else ""
+        if used >= limit:
+            raise ValueError(f"the prompt takes {used} positions{image}, and this decoder reads {limit}: no room "
+                             "for an answer; shorten the question")
+        room = limit - used
+        asked = kwargs.get("max_new_tokens")
+        if asked is not None and int(asked) > room:
+            import warnings
+
+            warnings.warn(f"max_new_tokens={asked} cut to {room}: the prompt takes {used} of the {limit} positions "
+                          "this decoder reads", stacklevel=3)
+            kwargs["max_new_tokens"] = room
+            if kwargs.get("min_new_tokens") and int(kwargs["min_new_tokens"]) > room:
+                kwargs["min_new_tokens"] = room
+
     def _can_use_fast_path(self, kwargs: dict) -> bool:
         """Plain greedy search with a cache: our own loop (mmgpt.fastgen) gives the same tokens faster."""
         from mmgpt.fastgen import FAST_OPTIONS
@@ -523,6 +547,7 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             input_ids = torch.full((b, 1), bos, dtype=torch.long, device=encoder_hidden_states.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        self._fit_positions(attention_mask, encoder_hidden_states.shape[1], kwargs)
         if self._can_use_fast_path(kwargs):
             from mmgpt.fastgen import greedy_generate
 

@@ -451,3 +451,25 @@ def test_pretrained_vision_keeps_the_rest_of_the_vision_spec(tmp_path):
     torch.testing.assert_close(out.pooled, out.patch_tokens[:, 1:].mean(1))
     with pytest.raises(ValueError, match="pool"):
         build_model(MMGPTConfig(**{**cfg.to_dict(), "vision": {"backend": "vit", "pool": "max"}}), texts=["a b"])
+
+
+def test_generation_fits_the_decoders_positions():
+    """GPT-2's learned positions end at n_positions: max_new_tokens past them is cut to what fits (with a
+    warning; the tokens equal an uncut call's), and a prompt with no room left is a ValueError that says
+    so (both were an IndexError inside generation)."""
+    from mmgpt import build_model
+
+    torch.manual_seed(0)
+    model, _ = build_model("tiny", texts=["a red circle", "what color? red"])
+    model.eval()
+    limit = model.config.text_config.n_positions
+    px = torch.randn(1, 3, 64, 64)
+    for beams in (1, 2):
+        with pytest.warns(UserWarning, match=f"cut to {limit - 1}"):
+            long = model.generate(pixel_values=px, max_new_tokens=limit + 40, min_new_tokens=limit + 40,
+                                  num_beams=beams)
+        fits = model.generate(pixel_values=px, max_new_tokens=limit - 1, min_new_tokens=limit - 1, num_beams=beams)
+        assert torch.equal(long, fits) and long.shape[1] == limit
+    ids = torch.ones(1, limit, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"takes {limit} positions.*shorten the question"):
+        model.generate(pixel_values=px, input_ids=ids, max_new_tokens=4)

@@ -224,6 +224,20 @@ def test_concurrent_requests_share_model_calls_and_get_their_own_results():
     assert [n for _, n, _ in stub_off.calls] == [1] * 12  # batching off: one call per request
 
 
+def test_a_request_the_model_refuses_is_422_and_fails_no_other_request_in_its_batch(model_dir, vl):
+    """A question too long for the decoder's 64 positions, batched with good ones: it alone is refused."""
+    app = create_app(model_dir, device="cpu", max_batch_size=8, max_wait_ms=300)
+    long_q = "is there a red circle next to the blue square? " * 8  # > 64 byte-level tokens
+    requests = [{"url": "/v1/ask", "json": {"images": [b64(png(draw(c)))], "question": long_q if i == 2 else "what color?"}}
+                for i, c in enumerate(COLORS)]
+    responses = run_concurrently(app, requests)
+    assert responses[2].status_code == 422 and "shorten the question" in responses[2].json()["detail"]
+    for i, (r, c) in enumerate(zip(responses, COLORS)):
+        if i != 2:
+            assert r.status_code == 200 and r.json()["answers"] == [vl.ask(draw(c), "what color?")]
+    assert app.state.batcher.stats.batches < len(requests)  # they were batched (then run one by one)
+
+
 def test_concurrent_requests_on_the_model_batch_and_equal_one_by_one(model_dir, vl):
     app = create_app(model_dir, device="cpu", max_wait_ms=200)
     images = [draw(c) for c in COLORS]

@@ -204,6 +204,15 @@ def test_config_refuses_values_a_run_cannot_use():
     assert cfg.max_steps == 3 and isinstance(cfg.max_steps, int)
 
 
+def test_pretrained_parts_that_cannot_be_fetched_are_one_line_naming_the_local_folder_keys(tmp_path, capsys):
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # as in CI: no hub
+    assert main([str(ROOT / "configs/train/shapes-tiny.yaml"), *SMALL, "model.preset=base", "max_steps=1",
+                 f"output_dir={tmp_path / 'run'}", "data.validation=null"]) == 2
+    err = capsys.readouterr().err
+    assert "model.preset 'base': could not load its pretrained parts" in err and "Traceback" not in err
+    assert "model.overrides.text_pretrained=DIR" in err
+
+
 def test_a_part_with_learning_rate_zero_does_not_move():
     from mmgpt import build_model
     from train.parts import param_groups

@@ -102,7 +102,14 @@ def build_model_for(cfg: TrainConfig, train_set):
     mc.label_smoothing = cfg.objectives.label_smoothing
     mc.bow_weight = cfg.objectives.bow_weight
     texts = None if mc.text_pretrained else _tokenizer_texts(train_set, cfg.model.tokenizer_texts)
-    return build_model(mc, texts=texts, attn_implementation=cfg.model.attn_implementation)
+    try:
+        return build_model(mc, texts=texts, attn_implementation=cfg.model.attn_implementation)
+    except OSError as err:  # transformers' "couldn't connect to the hub" / "not a folder or model id"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"model.preset {cfg.model.preset!r}: could not load its pretrained parts ({first}); without a "
+            "reachable hub give local folders: model.overrides.vision_pretrained=DIR "
+            "model.overrides.text_pretrained=DIR") from None
 
 
 def _logit_scale(model) -> float | None:

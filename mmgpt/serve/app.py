@@ -160,6 +160,8 @@ def create_app(
             return await asyncio.wait_for(coro, timeout_s)
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             raise HTTPException(504, f"no answer within {timeout_s:g} s; try again when the server is less busy")
+        except ValueError as err:  # the model refused this input (e.g. a question longer than the decoder reads)
+            raise HTTPException(422, str(err)) from None
 
     async def body(request: Request, model: type[schemas.Body]):
         return await parse_body(request, model, max_upload_bytes)

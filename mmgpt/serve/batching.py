@@ -122,6 +122,18 @@ class DynamicBatcher:
                 break
         return batch
 
+    async def _run_one(self, loop, key: Hashable, pending: _Pending) -> None:
+        if pending.future.done():
+            return
+        try:
+            (result,) = await loop.run_in_executor(self._executor, self.run_batch, key, [pending.item])
+        except Exception as err:  # noqa: BLE001 - handed to the waiting request, which raises it
+            if not pending.future.done():
+                pending.future.set_exception(err)
+            return
+        if not pending.future.done():
+            pending.future.set_result(result)
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -135,11 +147,15 @@ class DynamicBatcher:
                     results = await loop.run_in_executor(self._executor, self.run_batch, key, [p.item for p in group])
                     if len(results) != len(group):
                         raise RuntimeError(f"run_batch returned {len(results)} results for {len(group)} items")
-                except Exception as err:  # handed to every waiting request
+                except Exception as err:
+                    if len(group) > 1:  # one bad item must not fail the others: each alone, its own result
+                        log.warning("batch %r of %d failed (%s); running its items one by one", key, len(group), err)
+                        for p in group:
+                            await self._run_one(loop, key, p)
+                        continue
                     log.exception("batch %r of %d failed", key, len(group))
-                    for p in group:
-                        if not p.future.done():
-                            p.future.set_exception(err)
+                    if not group[0].future.done():
+                        group[0].future.set_exception(err)
                     continue
                 for p, result in zip(group, results):
                     if not p.future.done():
