@@ -160,3 +160,12 @@ def test_console_script_in_a_subprocess(model_dir, image_files, corrupt_file):
     assert [json.loads(line)["caption"] for line in done.stdout.splitlines()] == CAPTIONS[:2]
     # Nothing else on stderr: no progress bars, no transformers warnings, no traceback.
     assert done.stderr.startswith(f"{corrupt_file}: ") and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_a_question_longer_than_the_decoder_reads_is_one_line_and_exit_2(capsys, model_dir, image_files, tmp_path):
+    question = "what color is the circle next to the square? " * 12  # > 64 positions of the tiny decoder
+    for command in (["ask", model_dir, image_files[0], question],
+                    ["explain", model_dir, image_files[0], "--question", question, "--out", str(tmp_path / "x.png")]):
+        rc, _, err = run_cli(capsys, *command)
+        assert rc == 2 and "shorten the question" in err and "Traceback" not in err, command
+        assert len(err.strip().splitlines()) == 1

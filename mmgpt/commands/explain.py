@@ -52,6 +52,8 @@ def run(args) -> int:
                                      max_new_tokens=args.max_new_tokens)
     except ExplainError as err:
         raise UserError(f"{args.model}: {err}") from None
+    except ValueError as err:  # the model refused the question (e.g. longer than its decoder reads)
+        raise UserError(str(err)) from None
     sheet = render_explanation(image, text, tokens, maps, panel=args.panel)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -164,6 +164,13 @@ def run_ask(args) -> int:
     if not args.question.strip():
         raise UserError("the question is empty")
     vl = _load_pipeline(args)
+    try:
+        return _answer_all(args, vl, gen)
+    except ValueError as err:  # the model refused the question (e.g. longer than its decoder reads)
+        raise UserError(str(err)) from None
+
+
+def _answer_all(args, vl, gen: dict) -> int:
     several = len(args.images) > 1
     failed = 0
     for good, bad in _batches(args.images, args.batch_size):
