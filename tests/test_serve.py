@@ -305,6 +305,7 @@ def test_non_images_are_415_and_broken_images_422():
     ("/v1/caption", {"max_new_tokens": 0}, "greater than or equal to 1"),
     ("/v1/caption", {"num_beams": 6}, "less than or equal to 5"),
     ("/v1/caption", {"num_beams": 0}, "greater than or equal to 1"),
+    ("/v1/caption", {"num_beams": True}, "expected an integer, got a boolean"),  # JSON true is not 1
     ("/v1/caption", {"do_sample": True}, "Extra inputs"),  # options beyond the bounded ones are refused
     ("/v1/caption", {"images": []}, "at least 1 item"),
     ("/v1/caption", {"images": [b64(png(draw(COLORS[0])))] * 17}, "at most 16 items"),

@@ -46,6 +46,16 @@ ImageData = Annotated[
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
 
 
+def _not_bool(value: Any) -> Any:
+    """JSON `true` is not a count (pydantic would read it as 1); numbers and form strings pass on."""
+    if isinstance(value, bool):
+        raise ValueError("expected an integer, got a boolean")  # noqa: TRY004 - pydantic reports ValueError
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_not_bool)]
+
+
 class Body(BaseModel):
     """Unknown fields are errors; fields named like paths or URLs get a message saying why."""
 
@@ -64,8 +74,8 @@ class Body(BaseModel):
 class Generation(Body):
     """Generation options, bounded so one request cannot hold the model for long."""
 
-    max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS, description="longest output, in tokens")
-    num_beams: int = Field(1, ge=1, le=MAX_BEAMS, description="beam search width (1: greedy)")
+    max_new_tokens: Count = Field(32, ge=1, le=MAX_NEW_TOKENS, description="longest output, in tokens")
+    num_beams: Count = Field(1, ge=1, le=MAX_BEAMS, description="beam search width (1: greedy)")
 
     def options(self) -> tuple[tuple[str, int], ...]:
         """Hashable: requests with equal options can share a batch."""
@@ -84,7 +94,7 @@ class AskRequest(Generation):
 class AskStreamRequest(Generation):
     image: ImageData
     question: Text
-    num_beams: int = Field(1, ge=1, le=1, description="streaming is greedy: beam search settles tokens only at the end")
+    num_beams: Count = Field(1, ge=1, le=1, description="streaming is greedy: beam search settles tokens only at the end")
 
 
 class EmbedRequest(Body):
