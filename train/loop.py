@@ -346,7 +346,9 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     saved = checkpoint(step)
                 if signals is not None and (signals.signum if accelerator.num_processes == 1 else asked_to_stop):
-                    raise Interrupted(signals.signum or signal.SIGTERM, step, saved or checkpoint(step))
+                    saved = saved or checkpoint(step)
+                    accelerator.end_training()  # trackers flush and close
+                    raise Interrupted(signals.signum or signal.SIGTERM, step, saved)
                 if _STEP_DELAY:
                     time.sleep(_STEP_DELAY)  # test hook: slows steps so a test can kill the run mid-way
                 if cfg.max_minutes and (time.time() - t0) / 60 >= cfg.max_minutes:
