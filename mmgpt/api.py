@@ -55,10 +55,10 @@ def is_single_image(x: Any) -> bool:
 
 
 def _resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":  # auto: as saved
+        return None if dtype == "auto" else dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if str(dtype) not in names:
         raise ValueError(f"dtype {dtype!r} is unknown; use one of {', '.join(names)}")
     return names[str(dtype)]
@@ -143,6 +143,8 @@ class VisionLanguagePipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device=None, dtype=None) -> VisionLanguagePipeline:
+        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r}: no CUDA GPU is available here; use device='cpu'")
         folder = resolve_model_folder(path)
         check_model_folder(folder, os.fspath(path))
         try:
@@ -170,7 +172,10 @@ class VisionLanguagePipeline:
         return self.processor.images(list(images)).to(self.device, self.dtype)
 
     def _gen_kwargs(self, gen: dict, batch_size: Any = 1) -> dict:
-        kw = {**GENERATION_DEFAULTS, **gen}
+        # the model's saved generation_config first (as transformers' pipelines), then ours, then the call's
+        gc = self.model.generation_config
+        saved = {k: getattr(gc, k, None) for k in GENERATION_DEFAULTS}
+        kw = {**GENERATION_DEFAULTS, **{k: v for k, v in saved.items() if v is not None}, **gen}
         check_generation_options(kw, batch_size)
         if kw.get("num_return_sequences", 1) != 1:
             raise ValueError("num_return_sequences > 1 is not supported here; call model.generate directly")

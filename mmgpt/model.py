@@ -484,6 +484,14 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             raise ValueError(f"the prompt takes {used} positions{image}, and this decoder reads {limit}: no room "
                              "for an answer; shorten the question")
         room = limit - used
+        if kwargs.get("max_new_tokens") is None and kwargs.get("max_length") is not None:
+            total = limit - (n_memory if self.uses_prefix else 0)  # max_length counts the prompt's tokens
+            if int(kwargs["max_length"]) > total:
+                import warnings
+
+                warnings.warn(f"max_length={kwargs['max_length']} cut to {total}: this decoder reads {limit} "
+                              "positions", stacklevel=3)
+                kwargs["max_length"] = total
         asked = kwargs.get("max_new_tokens")
         if asked is not None and int(asked) > room:
             import warnings
@@ -541,10 +549,15 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             encoder_hidden_states = self.encode_image(pixel_values, fast=True).tokens  # (B, K, Dt)
         b = encoder_hidden_states.shape[0]
         if input_ids is None:
-            bos = self.generation_config.bos_token_id
+            bos = kwargs.get("bos_token_id", self.generation_config.bos_token_id)
             if bos is None:
                 bos = self.config.text_config.bos_token_id
             input_ids = torch.full((b, 1), bos, dtype=torch.long, device=encoder_hidden_states.device)
+        elif input_ids.shape[0] != b:
+            if b != 1:
+                raise ValueError(f"{b} images for {input_ids.shape[0]} prompts: give one image per prompt, or one "
+                                 "image for all of them")
+            encoder_hidden_states = encoder_hidden_states.expand(input_ids.shape[0], -1, -1).contiguous()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         self._fit_positions(attention_mask, encoder_hidden_states.shape[1], kwargs)

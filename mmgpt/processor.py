@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
 from encoders import build_image_transform, load_image
@@ -133,6 +135,7 @@ class MMGPTProcessor:
 
     def batch_examples(self, tasks: Sequence[str], prompts: Sequence[str], targets: Sequence[str]) -> dict:
         """Right-padded training batch: input_ids, attention_mask, labels (B, T)."""
+        _same_lengths(tasks=tasks, prompts=prompts, targets=targets)
         heads = self._prompt_ids(tasks, prompts)
         tails = self._encode_many([self._target_text(t, y) for t, y in zip(tasks, targets)])
         pairs = [self._join(p, t) for p, t in zip(heads, tails)]
@@ -151,6 +154,7 @@ class MMGPTProcessor:
 
     def batch_prompts(self, tasks: Sequence[str], prompts: Sequence[str]) -> dict:
         """Left-padded generation prompts: input_ids, attention_mask (B, T)."""
+        _same_lengths(tasks=tasks, prompts=prompts)
         seqs = self._prompt_ids(tasks, prompts)
         return {
             "input_ids": self.pad(seqs, side="left"),
@@ -162,19 +166,34 @@ class MMGPTProcessor:
         return self.batch_examples(["caption"] * len(texts), [""] * len(texts), list(texts))
 
     def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
+        """Text of one row up to its first EOS. Leading BOS / padding are skipped first, so a whole
+        generate() output decodes too (BOS, EOS and padding share one id in GPT-2's vocabulary)."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
+        lead = {self.bos_id, self.pad_id}
+        start = 0
+        while start < len(ids) and ids[start] in lead:
+            start += 1
+        ids = ids[start:]
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def batch_decode(self, ids: torch.Tensor) -> list[str]:
+        """Rows (B, T) -> B texts (a single row (T,) gives one text in a list)."""
+        if isinstance(ids, torch.Tensor) and ids.dim() == 1:
+            ids = ids.unsqueeze(0)
         return [self.decode(row) for row in ids]
 
     # --- images ----------------------------------------------------------------------------------
 
     def images(self, images: Sequence, train: bool = False) -> torch.Tensor:
-        """Paths, bytes or PIL images -> (B, 3, S, S) float tensor."""
+        """Paths, bytes or PIL images (or one of them) -> (B, 3, S, S) float tensor."""
+        if isinstance(images, (str, bytes, os.PathLike, Image.Image)) or hasattr(images, "read"):
+            images = [images]
+        images = list(images)
+        if not images:
+            raise ValueError("no images given")
         return self.pixel_values([load_image(im) for im in images], train=train)
 
     def pixel_values(self, images: Sequence, train: bool = False) -> torch.Tensor:
@@ -190,13 +209,15 @@ class MMGPTProcessor:
         std = torch.tensor(self.image_std).view(1, 3, 1, 1)
         return x.sub_(mean).div_(std).contiguous()
 
-    def __call__(self, images=None, text=None, task: str = "caption", train: bool = False) -> dict:
+    def __call__(self, images=None, text=None, task: str | None = None, train: bool = False) -> dict:
+        """`images` -> pixel_values; `text` -> left-padded prompts of `task` (default: "vqa" when a text
+        is given, i.e. questions; a caption prompt takes no text)."""
         out = {}
         if images is not None:
             out["pixel_values"] = self.images(images if isinstance(images, (list, tuple)) else [images], train)
         if text is not None:
             texts = [text] if isinstance(text, str) else list(text)
-            out.update(self.batch_prompts([task] * len(texts), texts))
+            out.update(self.batch_prompts([task or "vqa"] * len(texts), texts))
         return out
 
     # --- persistence -----------------------------------------------------------------------------
@@ -229,3 +250,12 @@ class MMGPTProcessor:
         data.update(kwargs)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
         return cls(tokenizer, **data)
+
+
+def _same_lengths(**seqs: Sequence) -> None:
+    """A ValueError naming the lists when they differ in length (zip would drop rows silently)."""
+    lengths = {name: len(v) for name, v in seqs.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError("lists of different lengths: " + ", ".join(f"{k} {n}" for k, n in lengths.items()))
+    if not next(iter(lengths.values())):
+        raise ValueError("empty batch: give at least one row")

@@ -264,3 +264,69 @@ def test_bad_data_summary_names_a_text_file_passed_as_image(tmp_path):
     listed = summary.splitlines()[1:]
     assert [line.split(": ")[0].strip() for line in listed] == [f"{data}:5", f"{data}:6", f"{data}:7"]
     assert "not_an_image" in listed[1] and "text.png" in listed[1]
+
+
+# --- the model and processor API, as a transformers user calls them ------------------------------------
+
+
+def test_generate_asks_several_questions_of_one_image_on_both_paths():
+    """One image for N prompts is broadcast (the fast greedy path crashed; the generic path broadcast);
+    N images for M prompts is a ValueError naming both counts."""
+    import torch
+
+    from mmgpt import MMGPTModel, MMGPTProcessor
+
+    folder = trained_tiny_dir()
+    model, proc = MMGPTModel.from_pretrained(folder).eval(), MMGPTProcessor.from_pretrained(folder)
+    px = proc.images(world_images()[:1])
+    prompts = proc.batch_prompts(["vqa"] * 3, [QUESTION, "what shape is it?", "how many objects are there?"])
+    fast = model.generate(pixel_values=px, **prompts, max_new_tokens=4)
+    generic = model.generate(pixel_values=px, **prompts, max_new_tokens=4, fast=False)
+    alone = model.generate(pixel_values=px.expand(3, -1, -1, -1), **prompts, max_new_tokens=4)
+    assert torch.equal(fast, generic) and torch.equal(fast, alone)
+    with pytest.raises(ValueError, match="2 images for 3 prompts"):
+        model.generate(pixel_values=proc.images(world_images()[:2]), **prompts, max_new_tokens=4)
+
+
+def test_processor_decodes_whole_outputs_and_refuses_ragged_lists():
+    from mmgpt import MMGPTModel, MMGPTProcessor
+
+    folder = trained_tiny_dir()
+    model, proc = MMGPTModel.from_pretrained(folder).eval(), MMGPTProcessor.from_pretrained(folder)
+    out = model.generate(pixel_values=proc.images(world_images()[:2]), max_new_tokens=8)
+    assert proc.batch_decode(out) == proc.batch_decode(out[:, 1:]) and all(proc.batch_decode(out))  # BOS skipped
+    assert proc.batch_decode(out[0]) == proc.batch_decode(out[:1])  # one row
+    with pytest.raises(ValueError, match="tasks 2, prompts 1, targets 2"):
+        proc.batch_examples(["caption", "caption"], [""], ["a", "b"])
+    with pytest.raises(ValueError, match="empty batch"):
+        proc.batch_prompts([], [])
+    assert proc(text=QUESTION)["input_ids"].tolist() == proc.batch_prompts(["vqa"], [QUESTION])["input_ids"].tolist()
+    assert proc.images(world_images()[0]).shape[0] == 1  # one image, not a sequence of characters
+
+
+def test_max_length_is_cut_to_the_decoders_positions():
+    from mmgpt import MMGPTModel, MMGPTProcessor
+
+    folder = trained_tiny_dir()
+    model, proc = MMGPTModel.from_pretrained(folder).eval(), MMGPTProcessor.from_pretrained(folder)
+    limit = model.config.text_config.n_positions
+    with pytest.warns(UserWarning, match=f"max_length={limit + 100} cut to {limit}"):
+        out = model.generate(pixel_values=proc.images(world_images()[:1]), max_length=limit + 100, min_new_tokens=80)
+    assert out.shape[1] == limit
+
+
+def test_pipeline_follows_the_saved_generation_config(tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(trained_tiny_dir(), folder)
+    vl = load(folder)
+    full = vl.caption(world_images()[0])
+    vl.model.generation_config.max_new_tokens = 2
+    vl.model.save_pretrained(folder)
+    short = load(folder).caption(world_images()[0])
+    assert len(load(folder).processor.tokenizer.encode(short)) <= 2 < len(vl.processor.tokenizer.encode(full))
+    assert load(folder, dtype="auto").dtype == load(folder).dtype
+    import torch
+
+    if not torch.cuda.is_available():  # refused before the weights are read
+        with pytest.raises(ModelLoadError, match="no CUDA GPU"):
+            load(folder, device="cuda")
