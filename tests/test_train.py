@@ -425,3 +425,43 @@ def test_too_many_bad_records_in_a_short_run_is_an_error_after_the_model_is_save
     err = capsys.readouterr().err
     assert "too many bad records" in err and "0.png" in err and str(out / "model") in err
     assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_resuming_an_older_checkpoint_sets_the_later_ones_aside_and_refuses_a_different_setup(tmp_path):
+    out = tmp_path / "run"
+    common = [str(ROOT / "configs/train/shapes-tiny.yaml"), *SMALL, f"output_dir={out}", "data.validation=null",
+              "checkpoint_every=1", "keep_checkpoints=1"]
+    assert main([*common, "max_steps=4", "keep_checkpoints=4"]) == 0  # step-1 .. step-4
+    older = out / "checkpoints" / "step-2"
+    assert main([*common, "max_steps=4", "batch_size=2", f"resume={older}"]) == 2  # the data position counts batches
+    assert main([*common, "max_steps=4", "optim.name=adamw", f"resume={older}"]) == 2  # optimizer state does not fit
+    assert main([*common, "max_steps=3", f"resume={older}"]) == 0
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["abandoned-step-3", "abandoned-step-4", "step-3"]  # its own step-3 kept, not the old step-4
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_continuing_from_a_model_folder_trains_with_this_runs_objectives(tmp_path):
+    first = tmp_path / "first"
+    common = [str(ROOT / "configs/train/shapes-tiny.yaml"), *SMALL, "data.validation=null", "max_steps=2"]
+    assert main([*common, f"output_dir={first}"]) == 0
+    second = tmp_path / "second"
+    assert main([*common, f"output_dir={second}", f"model.path={first / 'model'}", "objectives.itc_weight=0"]) == 0
+    logs = [json.loads(x) for x in (second / "metrics.jsonl").read_text().splitlines()]
+    assert all(abs(r["loss"] - r["lm_loss"]) < 1e-6 for r in logs)  # the contrastive term is off, as configured
+    assert json.loads((second / "model" / "config.json").read_text())["itc_weight"] == 0
+
+
+def test_images_of_two_sources_with_the_same_id_keep_their_own_cache_key():
+    """Two COCO-style sources both have an image 7: the feature cache and ITC key images by the file
+    they came from (by id alone, one source's features were served for the other's image)."""
+    from PIL import Image
+
+    from mmgpt import build_model
+    from train.collate import Collator
+
+    _, proc = build_model("tiny", texts=["a red circle"])
+    im = Image.new("RGB", (64, 64))
+    recs = [{"image": im, "task": "caption", "prompt": "", "target": "a red circle", "image_id": "7",
+             "image_source": f"/data/{src}/7.jpg"} for src in ("a", "b")]
+    assert Collator(proc, train=True)(recs)["image_ids"] == ["/data/a/7.jpg", "/data/b/7.jpg"]

@@ -41,8 +41,9 @@ class Collator:
         n_itc = 0  # ITC rows so far
         for g in groups:
             pixels.append(g[0]["image"])
-            # an image file with no id is known by its path (the feature cache and ITC's image ids use it)
-            image_ids.append(g[0].get("image_id") if g[0].get("image_id") is not None else g[0].get("image_source"))
+            # an image read from a file (or a dataset row) is known by where it came from: ids of two
+            # sources can collide (the feature cache and ITC's image ids use this key); else its id
+            image_ids.append(g[0].get("image_source") or g[0].get("image_id"))
             for r in g:
                 image_index.append(len(pixels) - 1)
                 tasks.append(r["task"])

@@ -93,6 +93,9 @@ def build_model_for(cfg: TrainConfig, train_set):
     if cfg.model.path:
         model = MMGPTModel.from_pretrained(cfg.model.path)
         processor = MMGPTProcessor.from_pretrained(cfg.model.path)
+        o = cfg.objectives  # this run's losses, not the ones the model was trained with
+        model.config.itc_weight, model.config.lm_weight = o.itc_weight, o.lm_weight
+        model.config.label_smoothing, model.config.bow_weight = o.label_smoothing, o.bow_weight
         return model, processor
     try:
         mc = MMGPTConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
@@ -104,6 +107,8 @@ def build_model_for(cfg: TrainConfig, train_set):
     texts = None if mc.text_pretrained else _tokenizer_texts(train_set, cfg.model.tokenizer_texts)
     try:
         return build_model(mc, texts=texts, attn_implementation=cfg.model.attn_implementation)
+    except ValueError as err:  # a model option the chosen parts cannot take (e.g. unimodal_layers)
+        raise ConfigError(f"model: {err}") from None
     except OSError as err:  # transformers' "couldn't connect to the hub" / "not a folder or model id"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
@@ -208,10 +213,21 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
     state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "nonfinite": 0, "bad": {}, "seen_items": 0,
              "train_seconds": 0.0, "best": None}
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
         saved = json.loads((resume_from / "trainer_state.json").read_text())
+        if saved.get("batch_size", cfg.batch_size) != cfg.batch_size:  # the data position counts batches
+            raise ConfigError(f"resume: the checkpoint was trained with batch_size={saved['batch_size']}; "
+                              f"resume with that batch_size (this run says {cfg.batch_size})")
+        try:
+            accelerator.load_state(str(resume_from))
+        except ValueError as err:  # torch: "loaded state dict has a different number of parameter groups"
+            raise ConfigError(f"resume: the checkpoint's optimizer does not fit this run ({err}); resume with the "
+                              "optim.name, freeze.* and per-part learning rates it was trained with") from None
+        if main:
+            _set_aside_later_checkpoints(ckpt_dir, resume_from, saved["step"])
         if "seen_items" not in saved:  # written before the count was kept: its bad records can't be judged
             saved["bad"] = {}
+        if saved.get("best_metric", cfg.best_metric) != cfg.best_metric:
+            saved["best"] = None  # a best value of another metric says nothing about this one
         if saved.get("best") is None and cfg.best_metric and (out / "best" / "best_metric.json").is_file():
             saved["best"] = json.loads((out / "best" / "best_metric.json").read_text()).get(cfg.best_metric)
         state.update(saved)
@@ -247,6 +263,7 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
 
     def checkpoint(step: int) -> Path:
         state["bad"], state["best"], state["seen_items"] = bad.to_dict(), best, seen_items
+        state["best_metric"], state["batch_size"] = cfg.best_metric, cfg.batch_size
         state["train_seconds"] = time.time() - t0
         return save_checkpoint(accelerator, ckpt_dir, step, state, keep=cfg.keep_checkpoints)
 
@@ -414,6 +431,21 @@ def _check_output_dir(cfg: TrainConfig, out: Path, resume_from: Path | None) -> 
                 f"output_dir {str(out)!r} holds checkpoints of an earlier run (up to {earlier[-1].name}): "
                 "continue it with resume=latest, start over with overwrite=true (deletes them), or give "
                 "another output_dir")
+
+
+def _set_aside_later_checkpoints(ckpt_dir: Path, resume_from: Path, step: int) -> None:
+    """Resuming from step N abandons the checkpoints after N: renamed `abandoned-step-M`, so that pruning
+    (which keeps the highest steps) cannot delete this run's new ones and resume=latest cannot pick them."""
+    for p in list_checkpoints(ckpt_dir):
+        m = int(p.name.split("-")[1])
+        if m > step and p.resolve() != resume_from.resolve():
+            target = p.with_name(f"abandoned-{p.name}")
+            if target.exists():
+                import shutil
+
+                shutil.rmtree(target)
+            os.replace(p, target)
+            print(f"resuming from step {step}: the later {p.name} is set aside as {target.name}", flush=True)
 
 
 def _drop_log_after(path: Path, step: int) -> None:
