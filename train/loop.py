@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -142,8 +143,8 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
             gradient_accumulation_steps=cfg.grad_accum,
             log_with=cfg.trackers or None,
             project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-            # dispatch_batches=False: a streamed source splits its shards by rank itself (Accelerate would
-            # otherwise read every batch on process 0 and send it out)
+            # dispatch_batches=False: every process reads a streamed source itself and Accelerate keeps
+            # its share of each batch (dispatching read every batch on process 0 and sent it out)
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, dispatch_batches=False),
             step_scheduler_with_optimizer=False,
         )
@@ -159,8 +160,6 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         if resume_from is None:  # a fresh run: its own log (and, with overwrite, no old checkpoints)
             if cfg.overwrite:
-                import shutil
-
                 for old in (ckpt_dir, out / "best"):
                     shutil.rmtree(old, ignore_errors=True)
             metrics_path.unlink(missing_ok=True)
@@ -441,8 +440,6 @@ def _set_aside_later_checkpoints(ckpt_dir: Path, resume_from: Path, step: int) -
         if m > step and p.resolve() != resume_from.resolve():
             target = p.with_name(f"abandoned-{p.name}")
             if target.exists():
-                import shutil
-
                 shutil.rmtree(target)
             os.replace(p, target)
             print(f"resuming from step {step}: the later {p.name} is set aside as {target.name}", flush=True)
@@ -541,8 +538,6 @@ def _keep_best(accelerator, model, processor, cfg, metrics, best, out: Path, ste
             export_model(model, processor, tmp, cfg.lora.enabled)
             final = out / "best"
             if final.exists():
-                import shutil
-
                 shutil.rmtree(final)
             os.replace(tmp, final)
             (final / "best_metric.json").write_text(json.dumps({cfg.best_metric: value, "step": step}) + "\n")
