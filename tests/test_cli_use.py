@@ -128,7 +128,7 @@ def test_retrieve_json_and_text(capsys, model_dir, image_files):
     for i, row in enumerate(got["image_to_text"]):
         order = sorted(range(3), key=lambda j: -float(sim[i, j]))[:2]
         assert [m["text"] for m in row["matches"]] == [texts[j] for j in order]
-        assert [m["score"] for m in row["matches"]] == pytest.approx([float(sim[i, j]) for j in order], abs=1e-5)
+        assert [m["score"] for m in row["matches"]] == pytest.approx([float(sim[i, j]) for j in order], abs=1e-4)
     for j, row in enumerate(got["text_to_image"]):
         order = sorted(range(4), key=lambda i: -float(sim[i, j]))[:2]
         assert row["text"] == texts[j]

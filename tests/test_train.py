@@ -60,6 +60,15 @@ def test_main_trains_a_few_steps_and_exports_a_loadable_model(tmp_path):
     assert model.config.vision["config"]["image_size"] == proc.image_size == 64
 
 
+def test_runs_in_one_process_may_change_precision(tmp_path):
+    """A second run in the same process (a notebook, a sweep) with another precision: Accelerate's
+    per-process state refused it ("AcceleratorState has already been initialized")."""
+    common = [str(ROOT / "configs/train/shapes-tiny.yaml"), *SMALL, "max_steps=1", "data.validation=null"]
+    assert main([*common, "precision=bf16", f"output_dir={tmp_path / 'a'}"]) == 0
+    assert main([*common, "precision=no", f"output_dir={tmp_path / 'b'}"]) == 0
+    assert (tmp_path / "b" / "model" / "model.safetensors").is_file()
+
+
 def test_adamw_recipe_runs_torch_fused_adamw_and_resumes_from_its_state(tmp_path):
     """`optim.name=adamw` builds torch's fused AdamW (3x the per-tensor loop on CPU); its state
     round-trips through a checkpoint."""
@@ -298,7 +307,10 @@ def test_two_processes_give_the_itc_loss_and_gradients_of_one(tmp_path, hard_neg
                      itc_negative_owner=torch.tensor([0, 1, 1, 4]))
     torch.save(batch, tmp_path / "batch.pt")
 
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # CUDA_VISIBLE_DEVICES="": on a machine with a GPU, Accelerate's barrier asks gloo for CUDA device
+    # <rank>, which a 1-GPU machine lacks (rank 1 dies)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
     launcher = str(Path(sys.executable).parent / "accelerate")
     cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
            "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1", "--main_process_port", "0",
@@ -326,7 +338,7 @@ def test_frozen_encoder_feature_cache_gives_the_same_training(tmp_path):
     """Cached features of a frozen encoder train exactly like recomputing them (epochs 2+ hit the cache)."""
     common = [str(ROOT / "configs/train/shapes-tiny.yaml"), *SMALL, "max_steps=6",
               "data.train=[{format: shapes, split: train, size: 8, task_mix: {caption: 1, vqa: 1}}]",
-              "freeze.vision=true", "data.validation=null", "deterministic=true"]
+              "freeze.vision=true", "data.validation=null", "deterministic=true", "precision=no"]
     assert main([*common, f"output_dir={tmp_path / 'a'}", "freeze.feature_cache=none"]) == 0
     assert main([*common, f"output_dir={tmp_path / 'b'}"]) == 0
     a = load_file(tmp_path / "a" / "model" / "model.safetensors")

@@ -138,6 +138,7 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
     resume_from = _resume_point(cfg, ckpt_dir)
     _check_output_dir(cfg, out, resume_from)
     if accelerator is None:
+        _reset_accelerator_state()
         accelerator = Accelerator(
             mixed_precision=_precision(cfg),
             gradient_accumulation_steps=cfg.grad_accum,
@@ -402,6 +403,16 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
         print(f"feature cache: {cache.hits} hits, {cache.misses} misses, {cache.bytes / 2**20:.0f} MiB", flush=True)
     return {"step": state["step"], "train_seconds": train_seconds, "nonfinite_steps": state["nonfinite"],
             "bad_records": bad.to_dict(), "eval": summary, "model_dir": str(out / "model")}
+
+
+def _reset_accelerator_state() -> None:
+    """Accelerate keeps one precision / accumulation state per process and refuses a second run in the
+    same process (a notebook, a sweep) that asks for another ("AcceleratorState has already been
+    initialized"). Each run starts from its own config; the process group (PartialState) stays."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
 
 
 def _resume_point(cfg: TrainConfig, ckpt_dir: Path) -> Path | None:
