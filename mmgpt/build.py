@@ -67,6 +67,14 @@ def build_model(
         )
         _mark_initialised(decoder)
     elif config.text_pretrained:
+        from transformers import AutoConfig
+
+        kind = AutoConfig.from_pretrained(config.text_pretrained).model_type
+        if kind != "gpt2":  # GPT2LMHeadModel would load none of its weights and train a random GPT-2
+            raise ValueError(
+                f"text_pretrained {config.text_pretrained!r} is a {kind} model; cross-attention fusion needs a "
+                "GPT-2 decoder. For any other causal LM use prefix fusion: fusion='prefix' (a prefix preset "
+                "such as 'tiny-prefix', or model.preset=tiny-prefix in a training config)")
         decoder = GPT2LMHeadModel.from_pretrained(
             config.text_pretrained, add_cross_attention=True, attn_implementation=attn_implementation
         )

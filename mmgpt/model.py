@@ -8,6 +8,7 @@ Fusion `cross_attention`: a GPT-2 decoder whose blocks cross-attend to the adapt
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -478,6 +479,14 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         tc = self.config.text_config
         limit = getattr(tc, "n_positions", None) if getattr(tc, "model_type", None) == "gpt2" else None
         if limit is None:
+            trained = getattr(tc, "max_position_embeddings", None)  # rotary positions run on past it
+            asked = kwargs.get("max_new_tokens") or 0
+            if trained and attention_mask.numel():
+                used = int(attention_mask.sum(dim=1).max()) + (n_memory if self.uses_prefix else 0) + int(asked)
+                if used > trained:
+                    warnings.warn(f"the image, prompt and answer take up to {used} positions and this decoder was "
+                                  f"trained on {trained}: past them its output may degrade; shorten the question "
+                                  "or max_new_tokens", stacklevel=3)
             return
         used = int(attention_mask.sum(dim=1).max()) + (n_memory if self.uses_prefix else 0)
         image = f" ({n_memory} of them the image's)" if self.uses_prefix else ""
@@ -488,15 +497,11 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         if kwargs.get("max_new_tokens") is None and kwargs.get("max_length") is not None:
             total = limit - (n_memory if self.uses_prefix else 0)  # max_length counts the prompt's tokens
             if int(kwargs["max_length"]) > total:
-                import warnings
-
                 warnings.warn(f"max_length={kwargs['max_length']} cut to {total}: this decoder reads {limit} "
                               "positions", stacklevel=3)
                 kwargs["max_length"] = total
         asked = kwargs.get("max_new_tokens")
         if asked is not None and int(asked) > room:
-            import warnings
-
             warnings.warn(f"max_new_tokens={asked} cut to {room}: the prompt takes {used} of the {limit} positions "
                           "this decoder reads", stacklevel=3)
             kwargs["max_new_tokens"] = room

@@ -304,6 +304,10 @@ def test_pretrained_causal_lm_and_its_tokenizer_load_by_folder(tmp_path):
     assert loaded.decoder.lm_head.weight is loaded.decoder.get_input_embeddings().weight
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+    # the same folder under cross-attention fusion loaded none of its weights into a random GPT-2 before
+    with pytest.raises(ValueError, match="llama model; cross-attention fusion needs a GPT-2.*fusion='prefix'"):
+        build_model(dict(vision={"backend": "vit", "config": VIT}, text_pretrained=str(tmp_path / "lm"),
+                         projection_dim=32))
 
 
 # --- training --------------------------------------------------------------------------------------

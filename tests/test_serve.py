@@ -100,7 +100,7 @@ class StubPipeline:
 
     def caption(self, images, batch_size=16, **gen):
         self._call("caption", images, gen)
-        return [f"{im.getpixel((32, 32))} {gen['max_new_tokens']}" for im in images]
+        return [f"{im.getpixel((32, 32))} {gen.get('max_new_tokens', 32)}" for im in images]
 
     def ask(self, images, questions, batch_size=16, **gen):
         self._call("ask", images, gen)

@@ -92,8 +92,13 @@ def build_model_for(cfg: TrainConfig, train_set):
     from mmgpt.config import MMGPTConfig
 
     if cfg.model.path:
-        model = MMGPTModel.from_pretrained(cfg.model.path)
+        model = MMGPTModel.from_pretrained(cfg.model.path, attn_implementation=cfg.model.attn_implementation)
         processor = MMGPTProcessor.from_pretrained(cfg.model.path)
+        differ = _differences(cfg.model.overrides, model.config.to_dict())
+        if differ:  # the saved model's own config decides its shape; a differing override would be ignored
+            raise ConfigError(f"model.overrides: {', '.join(differ)} differ from the model in model.path "
+                              f"{cfg.model.path!r}, which keeps its own config; drop those overrides, or build a "
+                              "new model from model.preset")
         o = cfg.objectives  # this run's losses, not the ones the model was trained with
         model.config.itc_weight, model.config.lm_weight = o.itc_weight, o.lm_weight
         model.config.label_smoothing, model.config.bow_weight = o.label_smoothing, o.bow_weight
@@ -116,6 +121,18 @@ def build_model_for(cfg: TrainConfig, train_set):
             f"model.preset {cfg.model.preset!r}: could not load its pretrained parts ({first}); without a "
             "reachable hub give local folders: model.overrides.vision_pretrained=DIR "
             "model.overrides.text_pretrained=DIR") from None
+
+
+def _differences(overrides: dict, config: dict, prefix: str = "") -> list[str]:
+    """`key=value` for each override (nested dicts key by key) that the config does not already have."""
+    out = []
+    for key, value in overrides.items():
+        have = config.get(key) if isinstance(config, dict) else None
+        if isinstance(value, dict) and isinstance(have, dict):
+            out += _differences(value, have, f"{prefix}{key}.")
+        elif have != value:
+            out.append(f"{prefix}{key}={value!r} (the model has {have!r})")
+    return out
 
 
 def _logit_scale(model) -> float | None:
@@ -217,11 +234,21 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
         if saved.get("batch_size", cfg.batch_size) != cfg.batch_size:  # the data position counts batches
             raise ConfigError(f"resume: the checkpoint was trained with batch_size={saved['batch_size']}; "
                               f"resume with that batch_size (this run says {cfg.batch_size})")
+        lora_now = to_dict(cfg.lora)
+        if saved.get("lora", lora_now) != lora_now:  # the model's parameters differ: lora_* layers, rank
+            diff = ", ".join(f"lora.{k}={saved['lora'].get(k)!r}" for k in lora_now
+                             if saved["lora"].get(k) != lora_now[k])
+            raise ConfigError(f"resume: the checkpoint was trained with {diff}; resume with the LoRA settings it was "
+                              "trained with")
         try:
             accelerator.load_state(str(resume_from))
         except ValueError as err:  # torch: "loaded state dict has a different number of parameter groups"
             raise ConfigError(f"resume: the checkpoint's optimizer does not fit this run ({err}); resume with the "
                               "optim.name, freeze.* and per-part learning rates it was trained with") from None
+        except RuntimeError as err:  # torch: "Error(s) in loading state_dict ...": another model
+            first = str(err).strip().splitlines()[0]
+            raise ConfigError(f"resume: the checkpoint's weights do not fit this run's model ({first}); resume with "
+                              "the model, lora.* and freeze.* settings it was trained with") from None
         if main:
             _set_aside_later_checkpoints(ckpt_dir, resume_from, saved["step"])
         if "seen_items" not in saved:  # written before the count was kept: its bad records can't be judged
@@ -263,7 +290,7 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
 
     def checkpoint(step: int) -> Path:
         state["bad"], state["best"], state["seen_items"] = bad.to_dict(), best, seen_items
-        state["best_metric"], state["batch_size"] = cfg.best_metric, cfg.batch_size
+        state["best_metric"], state["batch_size"], state["lora"] = cfg.best_metric, cfg.batch_size, to_dict(cfg.lora)
         state["train_seconds"] = time.time() - t0
         return save_checkpoint(accelerator, ckpt_dir, step, state, keep=cfg.keep_checkpoints)
 

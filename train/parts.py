@@ -68,6 +68,15 @@ def apply_freezing_and_lora(model, cfg: TrainConfig):
         targets = list(cfg.lora.target_modules)
         if targets == DefaultLora().target_modules:  # not set: the decoder type's own attention projections
             targets = list(model.config.lora_target_modules)
+        names = {n.rpartition(".")[2] for n, m in model.decoder.named_modules() if isinstance(m, torch.nn.Module)}
+        unknown = [t for t in targets if t not in names]
+        if unknown:
+            from train.config import ConfigError
+
+            linears = sorted({n.rpartition(".")[2] for n, m in model.decoder.named_modules()
+                              if isinstance(m, (torch.nn.Linear, Conv1D))})
+            raise ConfigError(f"lora.target_modules: {unknown} name no module of this "
+                              f"{model.decoder.config.model_type} decoder; its linear layers are {linears}")
         # GPT-2's Conv1D stores its weight as (in, out): peft must transpose it (fan_in_fan_out).
         conv = any(isinstance(m, Conv1D) for n, m in model.decoder.named_modules() if n.rpartition(".")[2] in targets)
         lcfg = LoraConfig(

@@ -23,8 +23,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_generation(parser: argparse.ArgumentParser, json_help: str) -> None:
-    parser.add_argument("--num-beams", type=int, default=1, metavar="K", help="beam search width (default: 1)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="longest output (default: 32)")
+    parser.add_argument("--num-beams", type=int, metavar="K",
+                        help="beam search width (default: the model's generation_config, else 1)")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N",
+                        help="longest output (default: the model's generation_config, else 32)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per batch (default: 16)")
     parser.add_argument("--json", action="store_true", help=json_help)
 
@@ -117,10 +119,13 @@ def _batches(paths: list[str], size: int):
 
 
 def _gen_options(args) -> dict:
-    _positive("--num-beams", args.num_beams)
-    _positive("--max-new-tokens", args.max_new_tokens)
     _positive("--batch-size", args.batch_size)
-    return {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
+    gen = {}
+    for flag, name in (("--num-beams", "num_beams"), ("--max-new-tokens", "max_new_tokens")):
+        if getattr(args, name) is not None:  # unset: the model's generation_config, as the Python API
+            _positive(flag, getattr(args, name))
+            gen[name] = getattr(args, name)
+    return gen
 
 
 def _emit(obj: dict | str) -> None:
@@ -159,8 +164,10 @@ def run_ask(args) -> int:
     gen = _gen_options(args)
     if args.stream and args.json:
         raise UserError("--stream and --json do not go together: --json prints whole answers")
-    if args.stream and args.num_beams != 1:
+    if args.stream and args.num_beams not in (None, 1):
         raise UserError("--stream needs --num-beams 1 (beam search settles its tokens only at the end)")
+    if args.stream:
+        gen["num_beams"] = 1  # streaming is greedy, whatever width the model's generation_config keeps
     if not args.question.strip():
         raise UserError("the question is empty")
     vl = _load_pipeline(args)

@@ -261,7 +261,9 @@ def create_app(
             try:
                 from transformers import StoppingCriteriaList
 
-                gen = {"max_new_tokens": req.max_new_tokens, "stopping_criteria": StoppingCriteriaList([_Cancel(stop)])}
+                gen = {"stopping_criteria": StoppingCriteriaList([_Cancel(stop)]), "num_beams": 1}
+                if req.max_new_tokens is not None:
+                    gen["max_new_tokens"] = req.max_new_tokens
                 pieces = await asyncio.to_thread(pipeline.stream_answer, image, req.question, **gen)
                 return pieces, await asyncio.to_thread(next, pieces, end)  # first piece: 504 if it is late
             except BaseException:

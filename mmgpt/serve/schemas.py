@@ -74,12 +74,16 @@ class Body(BaseModel):
 class Generation(Body):
     """Generation options, bounded so one request cannot hold the model for long."""
 
-    max_new_tokens: Count = Field(32, ge=1, le=MAX_NEW_TOKENS, description="longest output, in tokens")
-    num_beams: Count = Field(1, ge=1, le=MAX_BEAMS, description="beam search width (1: greedy)")
+    # None: the model's saved generation_config, else 32 tokens and greedy (as `mmgpt.load(...)` does)
+    max_new_tokens: Count | None = Field(None, ge=1, le=MAX_NEW_TOKENS,
+                                         description="longest output, in tokens (default: the model's, else 32)")
+    num_beams: Count | None = Field(None, ge=1, le=MAX_BEAMS,
+                                    description="beam search width (1: greedy; default: the model's, else 1)")
 
     def options(self) -> tuple[tuple[str, int], ...]:
-        """Hashable: requests with equal options can share a batch."""
-        return (("max_new_tokens", self.max_new_tokens), ("num_beams", self.num_beams))
+        """Hashable: requests with equal options can share a batch. Only the options the request set."""
+        return tuple((k, v) for k, v in (("max_new_tokens", self.max_new_tokens), ("num_beams", self.num_beams))
+                     if v is not None)
 
 
 class CaptionRequest(Generation):
@@ -94,7 +98,8 @@ class AskRequest(Generation):
 class AskStreamRequest(Generation):
     image: ImageData
     question: Text
-    num_beams: Count = Field(1, ge=1, le=1, description="streaming is greedy: beam search settles tokens only at the end")
+    num_beams: Count | None = Field(None, ge=1, le=1,
+                                    description="streaming is greedy: beam search settles tokens only at the end")
 
 
 class EmbedRequest(Body):

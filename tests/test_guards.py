@@ -1,0 +1,109 @@
+"""Guards found by a prefix-fusion / LoRA user audit: settings a run or a resume cannot use are one line,
+and the command line and server follow a model's saved generation_config as the Python API does."""
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from test_api import trained_tiny_dir, world_images
+
+from mmgpt import load
+from mmgpt.cli import main as cli_main
+from mmgpt.serve import create_app
+from train.main import main
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = [
+    str(ROOT / "configs/train/shapes-tiny.yaml"),
+    "data.train=[{format: shapes, split: train, size: 32, task_mix: {caption: 1, vqa: 1}}]",
+    "data.num_workers=0", "batch_size=4", "progress=false", "model.tokenizer_texts=200", "time_schedule=false",
+    "max_minutes=null", "data.validation=null",
+]
+
+
+def test_resume_with_other_lora_settings_and_unknown_lora_targets_are_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = [*SMALL, f"output_dir={out}", "checkpoint_every=2", "lora.enabled=true"]
+    assert main([*common, "max_steps=2"]) == 0
+    capsys.readouterr()
+    assert main([*common, "max_steps=3", "resume=latest", "lora.r=4"]) == 2
+    err = capsys.readouterr().err
+    assert "lora.r=8" in err and "Traceback" not in err
+    assert main([*SMALL, f"output_dir={out}", "max_steps=3", "resume=latest"]) == 2  # LoRA off now
+    err = capsys.readouterr().err
+    assert "lora.enabled=True" in err and "Traceback" not in err
+    assert main([*common, "max_steps=3", "resume=latest"]) == 0  # the same settings resume
+    capsys.readouterr()
+    assert main([*SMALL, f"output_dir={tmp_path / 'b'}", "max_steps=1", "lora.enabled=true",
+                 "lora.target_modules=[q_proj]"]) == 2
+    err = capsys.readouterr().err
+    assert "lora.target_modules: ['q_proj']" in err and "'c_attn'" in err and "Traceback" not in err
+
+
+def test_overrides_that_differ_from_the_model_in_model_path_are_refused(tmp_path, capsys):
+    first = tmp_path / "first"
+    assert main([*SMALL, f"output_dir={first}", "max_steps=1"]) == 0
+    capsys.readouterr()
+    rc = main([*SMALL, f"output_dir={tmp_path / 'second'}", "max_steps=1", f"model.path={first / 'model'}",
+               "model.overrides.adapter.type=resampler"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "model.overrides: adapter.type='resampler'" in err and "model.path" in err
+
+
+@pytest.fixture(scope="module")
+def short_model(tmp_path_factory) -> Path:
+    """The tiny test model whose saved generation_config asks for 2 new tokens and 2 beams."""
+    folder = tmp_path_factory.mktemp("short") / "model"
+    shutil.copytree(trained_tiny_dir(), folder)
+    gc = json.loads((folder / "generation_config.json").read_text())
+    gc.update(max_new_tokens=2, num_beams=2)
+    (folder / "generation_config.json").write_text(json.dumps(gc))
+    return folder
+
+
+def test_command_line_and_server_follow_the_saved_generation_config(short_model, tmp_path, capsys):
+    image = tmp_path / "a.png"
+    world_images()[0].save(image)
+    api = load(short_model, device="cpu")
+    expected = api.caption(world_images()[0])
+    assert len(api.processor.tokenizer(expected)["input_ids"]) <= 2
+    assert api.caption(world_images()[0], max_new_tokens=6, num_beams=1) != expected  # the setting matters
+    assert cli_main(["caption", str(short_model), str(image)]) == 0
+    assert capsys.readouterr().out.strip().split("\t")[-1] == expected
+    assert cli_main(["caption", str(short_model), str(image), "--max-new-tokens", "6", "--num-beams", "1"]) == 0
+    assert capsys.readouterr().out.strip().split("\t")[-1] == api.caption(world_images()[0], max_new_tokens=6,
+                                                                         num_beams=1)
+    import base64
+
+    b64 = base64.b64encode(image.read_bytes()).decode()
+    with TestClient(create_app(short_model, device="cpu", max_wait_ms=5)) as client:
+        r = client.post("/v1/caption", json={"images": [b64]})
+        assert r.status_code == 200 and r.json()["captions"] == [expected]
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
+    image = tmp_path / "a.png"
+    world_images()[0].save(image)
+    cmd = f"{sys.executable} -m mmgpt.cli caption {trained_tiny_dir()} {image} {image} | true"
+    run = subprocess.run(["bash", "-c", cmd + "; echo rc=${PIPESTATUS[0]}"], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert "Traceback" not in run.stderr and "BrokenPipeError" not in run.stderr, run.stderr
+    assert "rc=0" in run.stdout or "rc=141" in run.stdout
+
+
+def test_a_prefix_decoder_warns_past_the_positions_it_was_trained_on():
+    from test_prefix import make_model
+
+    model = make_model("llama")  # max_position_embeddings 64, 16 image tokens in front
+    px = torch.randn(1, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate(pixel_values=px, max_new_tokens=4, do_sample=False)
+    with pytest.warns(UserWarning, match="trained on 64"):
+        model.generate(pixel_values=px, max_new_tokens=60, do_sample=False)
