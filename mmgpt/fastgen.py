@@ -17,6 +17,11 @@ decoder weights and the LM head, through about twenty small ops per layer. So:
 - With several rows on a CPU (float32, oneDNN built in), each linear is one oneDNN call on a weight
   reordered once into oneDNN's blocked layout, the MLP's GELU in its epilogue: at 16 rows ~1.5x
   MKL's addmm for the block linears and 3x for the LM head (measured on this 2-core machine).
+- Where `mmgpt.kernels` builds (x86-64 Linux, AVX2, a C compiler; fp32 on the CPU), every linear of
+  the step, for one row and for several, is its AVX2 kernel on weights packed into 16-column panels
+  instead: torch's kernels read the weights at 5-9 GB/s for one row, the kernel ~12 GB/s on one
+  thread here (`python -m benchmarks.decode_kernels`); decoding 24 tokens took 1.15-1.2x less time
+  on one thread at batch 1 and 16. The plans above remain the fallback.
 - The one-token step works on (B, D) rows in place: one copy writes k and v into the cache, the
   padding mask is built once per call, position embeddings are gathered once per call. Its
   attention (one query) is two batched products and a softmax over (B*H, 1, T) rows, the keys
@@ -38,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from encoders.threads import cores_free, one_thread
+from mmgpt import kernels
 
 # Options this path honours; anything else goes to GenerationMixin.
 FAST_OPTIONS = {"max_new_tokens", "min_new_tokens", "do_sample", "num_beams", "use_cache", "eos_token_id",
@@ -132,10 +138,16 @@ class _DecoderPlan:
     (`blocks`: oneDNN on CPU float32, else addmm) and for one row (`one_row`: split in halves, or
     `blocks` itself); and the LM head, which only ever sees one row per sequence."""
 
-    def __init__(self, model, split: bool, rows: bool):
+    def __init__(self, model, split: bool, rows: bool, kernel: bool = False):
         cfg = model.decoder.config
         self.n_head, self.d = cfg.n_head, cfg.n_embd
         layers = model.decoder.transformer.h
+        head = model.decoder.lm_head
+        if kernel:  # mmgpt.kernels.rows_linear for one row and for several (module doc)
+            self.blocks = [self._block(model, i, blk, kernels.rows_linear, False) for i, blk in enumerate(layers)]
+            self.one_row = self.blocks
+            self.lm_head = self.lm_head_one_row = kernels.rows_linear(head.weight.t(), head.bias)  # (D, V)
+            return
         onednn = rows and _onednn(model.decoder.lm_head.weight)
         self.blocks = [self._block(model, i, blk, _packed_linear if onednn else _linear, onednn)
                        for i, blk in enumerate(layers)]
@@ -143,7 +155,6 @@ class _DecoderPlan:
         if split:
             self.one_row = [self._block(model, i, blk, _split_linear, False) for i, blk in enumerate(layers)]
         # lm_head.weight (V, D) is tied to wte; a (D, V) copy streams ~2x faster per step (module doc).
-        head = model.decoder.lm_head
         w_head = head.weight.detach().t().contiguous()  # (D, V)
         self.lm_head = (_packed_linear if onednn else _linear)(w_head, head.bias)
         self.lm_head_one_row = _split_linear(w_head, head.bias) if split else self.lm_head
@@ -184,9 +195,13 @@ def _plan(model, split: bool, rows: bool) -> _DecoderPlan:
     plans = model.__dict__.setdefault("_fastgen_plans", _Plans())
     if plans.key != key:
         plans.key, plans.by_split = key, {}
-    if (split, rows) not in plans.by_split:
-        plans.by_split[split, rows] = _DecoderPlan(model, split, rows)
-    return plans.by_split[split, rows]
+    w = model.decoder.lm_head.weight
+    kernel = w.device.type == "cpu" and w.dtype == torch.float32 and kernels.available()
+    if kernel:
+        split = rows = False  # one plan serves every batch size
+    if (split, rows, kernel) not in plans.by_split:
+        plans.by_split[split, rows, kernel] = _DecoderPlan(model, split, rows, kernel)
+    return plans.by_split[split, rows, kernel]
 
 
 @torch.no_grad()

@@ -1,0 +1,149 @@
+"""CPU kernels that torch lacks, built on first use.
+
+`rows_linear`: y = x W + b for a few rows of x (greedy decoding: 1-16 rows per step), fp32, AVX2 + FMA
+(`rows_linear.c`). torch's one-row and few-row products (MKL's addmm and gemv, oneDNN) read the
+weights at 5-9 GB/s on the 2-core AVX2 machine this was written on, where memory streams 15-22
+(`python -m benchmarks.decode_kernels`); this kernel reads weights packed in 16-column panels,
+which the hardware prefetchers stream whole.
+
+The C file is compiled once per source version with the system's C compiler (`$CC`, else `cc` or
+`gcc`; well under a second, no torch headers) into `$XDG_CACHE_HOME/mmgpt/kernels` (default
+`~/.cache/mmgpt/kernels`), and called through ctypes. Its OpenMP threads are torch's own: the library
+names the same OpenMP runtime (libgomp.so.1) that torch has already loaded. Anything missing (no
+compiler, no AVX2, not Linux x86-64, a failed build) means `available()` is False and callers keep
+torch's kernels, with one log line saying why. `MMGPT_KERNELS=0` turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("mmgpt.kernels")
+
+SOURCE = Path(__file__).with_name("rows_linear.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+PANEL = 16
+MAX_ROWS = 32  # above this, MKL's blocked GEMM is the better product
+_state: dict = {}
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mmgpt" / "kernels"
+
+
+def _why_not() -> str | None:
+    if os.environ.get("MMGPT_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "MMGPT_KERNELS=0"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"{platform.system()} {platform.machine()}: the kernel is written for x86-64 Linux"
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap not in ("AVX2", "AVX512"):
+        return f"this CPU's vector capability is {cap}; the kernel needs AVX2 and FMA"
+    return None
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build() -> Path:
+    """Compile rows_linear.c once per source and flags; returns the shared library's path."""
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join(FLAGS).encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"rows_linear-{key}.so"
+    if lib.is_file():
+        return lib
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc)")
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    try:
+        run = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120,
+                             check=False)
+        if run.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(run.stderr or run.stdout).strip()[-500:]}")
+        os.replace(tmp, lib)  # atomic: a process building beside this one sees a whole library or none
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def _load():
+    if "fn" in _state:
+        return _state["fn"]
+    fn = None
+    why = _why_not()
+    if why is None:
+        try:
+            lib = ctypes.CDLL(str(_build()))
+            fn = lib.mmgpt_rows_linear
+            fn.restype = None
+            i64, ptr = ctypes.c_int64, ctypes.c_void_p
+            fn.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, ctypes.c_int]
+        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+            why = f"build failed: {err}"
+            fn = None
+    if fn is None:
+        log.info("mmgpt.kernels: using torch's kernels for decoding (%s)", why)
+    _state["fn"] = fn
+    return fn
+
+
+def available() -> bool:
+    """True when the kernel is built (or can be) and not turned off by MMGPT_KERNELS=0."""
+    if _why_not() is not None:
+        return False
+    return _load() is not None
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """(in, out) weight -> (P, in, 16) panels of 16 output columns, zero-padded; P = ceil(out / 16)."""
+    k, n = weight.shape
+    p = -(-n // PANEL)
+    w = F.pad(weight.detach().float(), (0, p * PANEL - n))
+    return w.view(k, p, PANEL).permute(1, 0, 2).contiguous()
+
+
+def rows_linear(weight: torch.Tensor, bias: torch.Tensor | None):
+    """-> f(x): x (R, in) fp32 on the CPU -> x @ weight + bias, (R, out); weight (in, out) as
+    transformers' Conv1D stores it. Packs the weight once; more than MAX_ROWS rows go to torch's addmm
+    on the original weight. Call only when `available()`."""
+    fn = _load()
+    if fn is None:
+        raise RuntimeError("mmgpt.kernels.rows_linear is not available here; check available() first")
+    k, n = weight.shape
+    wp = pack(weight)
+    p = wp.shape[0]
+    b = None if bias is None else bias.detach().float().contiguous()
+    w_ref = weight.detach()
+    w_ptr, b_ptr = wp.data_ptr(), (None if b is None else b.data_ptr())
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if rows > MAX_ROWS:
+            return torch.mm(x, w_ref) if b is None else torch.addmm(b, x, w_ref)
+        x = x.contiguous()
+        out = torch.empty(rows, n, dtype=torch.float32)
+        fn(x.data_ptr(), rows, k, w_ptr, p, b_ptr, n, out.data_ptr(), torch.get_num_threads())
+        return out
+
+    run.packed = (wp, b)  # keeps the buffers alive with the function
+    return run

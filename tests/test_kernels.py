@@ -1,0 +1,100 @@
+"""mmgpt.kernels.rows_linear against float64 products, and greedy decoding with it against torch's kernels."""
+
+import logging
+import os
+import platform
+import shutil
+
+import pytest
+import torch
+
+from mmgpt import kernels
+
+CAN_BUILD = (platform.system() == "Linux" and platform.machine() == "x86_64"
+             and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+             and any(shutil.which(c) for c in ("cc", "gcc")))
+needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="x86-64 Linux with AVX2 and a C compiler")
+
+
+@pytest.fixture
+def fresh_state(monkeypatch, tmp_path):
+    """A clean kernel state and build cache for the test, the process's state back afterwards."""
+    saved = dict(kernels._state)
+    kernels._state.clear()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    yield tmp_path / "cache" / "mmgpt" / "kernels"
+    kernels._state.clear()
+    kernels._state.update(saved)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_linear_matches_a_float64_product(threads):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert kernels.available()
+        g = torch.Generator().manual_seed(0)
+        for k, n in [(384, 1152), (1536, 384), (384, 8000), (37, 5), (100, 33), (64, 80), (8, 16)]:
+            w, b = torch.randn(k, n, generator=g), torch.randn(n, generator=g)
+            for bias in (b, None):
+                f = kernels.rows_linear(w, bias)
+                for rows in (1, 2, 3, 4, 5, 7, 16, 40):  # 40: past MAX_ROWS, torch's addmm
+                    x = torch.randn(rows, k, generator=g)
+                    ref = x.double() @ w.double() + (0 if bias is None else bias.double())
+                    y = f(x)
+                    assert y.shape == (rows, n) and y.dtype == torch.float32
+                    assert torch.allclose(y.double(), ref, atol=1e-4, rtol=1e-5), (k, n, rows)
+        x = torch.randn(6, 2 * 384, generator=g)[:, ::2]  # a non-contiguous input
+        w = torch.randn(384, 64, generator=g)
+        assert torch.allclose(kernels.rows_linear(w, None)(x), x @ w, atol=1e-4)
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_kernel
+def test_greedy_decoding_gives_the_same_tokens_with_and_without_the_kernel(monkeypatch):
+    from test_model import left_padded_prompts, make_model
+
+    model = make_model(seed=4)
+    _, ids, mask = left_padded_prompts()
+    px = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    assert kernels.available()
+    kw = dict(max_new_tokens=10, do_sample=False)
+    with_kernel = [model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, **kw),
+                   model.generate(pixel_values=px[:1], **kw)]
+    monkeypatch.setenv("MMGPT_KERNELS", "0")
+    assert not kernels.available()
+    without = [model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, **kw),
+               model.generate(pixel_values=px[:1], **kw)]
+    reference = [model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, fast=False, **kw),
+                 model.generate(pixel_values=px[:1], fast=False, **kw)]
+    for a, b, r in zip(with_kernel, without, reference):
+        assert torch.equal(a, b) and torch.equal(a, r)
+
+
+@needs_kernel
+def test_the_library_is_built_once_and_reused(fresh_state):
+    assert kernels.available()
+    built = list(fresh_state.glob("rows_linear-*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    kernels._state.clear()
+    assert kernels.available() and built[0].stat().st_mtime_ns == mtime
+
+
+def test_without_a_compiler_decoding_falls_back_with_one_log_line(fresh_state, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("PATH", os.devnull)  # no cc or gcc either
+    with caplog.at_level(logging.INFO, logger="mmgpt.kernels"):
+        assert not kernels.available()
+        assert not kernels.available()
+    lines = [r.getMessage() for r in caplog.records if r.name == "mmgpt.kernels"]
+    assert len(lines) <= 1 and all("torch's kernels" in line for line in lines)
+    with pytest.raises(RuntimeError, match="available"):
+        kernels.rows_linear(torch.zeros(4, 4), None)
+    from test_model import make_model
+
+    model = make_model(seed=4)
+    out = model.generate(pixel_values=torch.randn(1, 3, 32, 32), max_new_tokens=4, do_sample=False)
+    assert out.shape[0] == 1
