@@ -19,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mmgpt import kernels
 from mmgpt.fastgen import _linear, _packed_linear, _split_linear
 
 D, LAYERS, VOCAB = 384, 6, 8000
@@ -53,6 +54,8 @@ KERNELS = {
     "oneDNN packed": _packed_linear,
     "embedding_bag (fbgemm)": _embedding_bag,
 }
+if kernels.available():  # fastgen's product where it builds
+    KERNELS["mmgpt.kernels.rows_linear (AVX2 panels)"] = kernels.rows_linear
 
 
 def measure(iters: int) -> tuple[dict, int]:
