@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # Pillow's own default limit (Image.MAX_IMAGE_PIXELS), kept as our default.
@@ -38,7 +39,8 @@ class ImageLoadError(ValueError):
 def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Return ``src`` as a fully decoded RGB image with its EXIF orientation applied.
 
-    ``src`` is a path, raw bytes, a binary file object or a PIL image. Images with more than
+    ``src`` is a path, raw bytes, a binary file object, a PIL image, or pixels in memory (a numpy
+    array (H, W[, 3|4]) or a torch tensor (3, H, W); uint8, or floats in [0, 1]). Images with more than
     ``max_pixels`` pixels are refused before their pixels are decoded (``None``: no limit of ours;
     Pillow's hard ceiling of ``2 * Image.MAX_IMAGE_PIXELS`` still applies).
     """
@@ -46,6 +48,8 @@ def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     if isinstance(src, Image.Image):
         with _strict_truncation():
             return _decode(src, name, max_pixels)
+    if is_array(src):
+        return _decode(_array_image(src, name), name, max_pixels)
 
     fp = _open_source(src, name)
     try:
@@ -68,8 +72,40 @@ def load_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
             fp.close()
 
 
+def is_array(x) -> bool:
+    """A numpy array or a torch tensor (pixels in memory), as opposed to a path, bytes or a file."""
+    return isinstance(x, np.ndarray) or type(x).__module__.split(".")[0] == "torch" and hasattr(x, "detach")
+
+
+def _array_image(src, name: str) -> Image.Image:
+    """Pixels in memory -> PIL image. numpy: (H, W), (H, W, 3) or (H, W, 4), as PIL and OpenCV lay them out
+    (a (3, H, W) array is read channels-first); torch: (3, H, W) or (1 or 4, H, W), as torchvision does.
+    uint8 0-255, or floats / bools in [0, 1]."""
+    torch_like = not isinstance(src, np.ndarray)
+    arr = src.detach().cpu().numpy() if torch_like else src
+    shape = tuple(arr.shape)
+    if arr.ndim == 3 and (torch_like or (shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4))):
+        arr = arr.transpose(1, 2, 0)  # channels first -> last
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)) or arr.size == 0:
+        layout = "(3, H, W)" if torch_like else "(H, W), (H, W, 3) or (H, W, 4)"
+        raise ImageLoadError(name, f"an array of shape {shape} is not one image; give {layout}")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise ImageLoadError(name, "float pixels must lie in [0, 1] (uint8 pixels in 0-255)")
+        arr = np.rint(arr * 255).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise ImageLoadError(name, f"pixels of type {arr.dtype}: give uint8 (0-255) or floats in [0, 1]")
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
 def _describe(src: ImageSource) -> str:
     """The name error messages start with."""
+    if is_array(src):
+        return f"<{'array' if isinstance(src, np.ndarray) else 'tensor'} {tuple(src.shape)}>"
     if isinstance(src, str | os.PathLike):
         return os.fspath(src)
     if isinstance(src, bytes | bytearray | memoryview):

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from encoders import ImageLoadError, load_image
+from encoders.image_io import is_array
 from mmgpt.model import MMGPTModel
 from mmgpt.processor import PROCESSOR_FILE, MMGPTProcessor
 
@@ -50,7 +51,10 @@ class ModelLoadError(ValueError):
 
 
 def is_single_image(x: Any) -> bool:
-    """A path, bytes, file object or PIL image, as opposed to a list of them."""
+    """A path, bytes, file object, PIL image or one array / tensor (at most 3-D), as opposed to a list
+    (or a 4-D batch) of them."""
+    if is_array(x):
+        return x.ndim <= 3
     return isinstance(x, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)) or hasattr(x, "read")
 
 

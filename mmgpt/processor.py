@@ -13,6 +13,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
 from encoders import build_image_transform, load_image
+from encoders.image_io import is_array
 
 PROCESSOR_FILE = "mmgpt_processor.json"
 EOS = "<|endoftext|>"
@@ -188,9 +189,12 @@ class MMGPTProcessor:
     # --- images ----------------------------------------------------------------------------------
 
     def images(self, images: Sequence, train: bool = False) -> torch.Tensor:
-        """Paths, bytes or PIL images (or one of them) -> (B, 3, S, S) float tensor."""
+        """Paths, bytes, PIL images or arrays / tensors (or one of them; a 4-D array is a batch)
+        -> (B, 3, S, S) float tensor."""
         if isinstance(images, (str, bytes, os.PathLike, Image.Image)) or hasattr(images, "read"):
             images = [images]
+        elif is_array(images):  # one image (H, W[, C]) / (C, H, W), or a batch (B, ...) of them
+            images = [images] if images.ndim <= 3 else list(images)
         images = list(images)
         if not images:
             raise ValueError("no images given")

@@ -228,3 +228,17 @@ def test_bad_model_folders_raise_model_load_error(tmp_path, model_dir):
     with pytest.raises(ModelLoadError, match="is a file"):
         load(model_dir / "config.json")
     assert issubclass(ModelLoadError, ValueError)
+
+
+def test_arrays_and_tensors_are_images_one_or_a_batch():
+    import numpy as np
+
+    vl = load(trained_tiny_dir(), device="cpu")
+    pil = world_images()[:2]
+    arrays = np.stack([np.asarray(im.convert("RGB")) for im in pil])  # (2, H, W, 3)
+    want = vl.caption(pil)
+    assert vl.caption(arrays[0]) == want[0] and vl.caption(arrays) == want
+    tensor = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255  # (2, 3, H, W) as torchvision
+    assert vl.caption(list(tensor)) == want and vl.caption(tensor[1]) == want[1]
+    assert vl.ask(arrays[0], QUESTION) == vl.ask(pil[0], QUESTION)
+    assert torch.allclose(vl.embed_images(arrays), vl.embed_images(pil))

@@ -229,3 +229,25 @@ def test_too_large_is_refused_before_decoding(tmp_path):
     data = noise_jpeg(64, 48)
     expect_error(data[: len(data) // 2], "image too large", max_pixels=64 * 48 - 1)
     expect_error(Image.new("L", (20, 10)), "<PIL image>", "image too large", max_pixels=100)
+
+
+def test_pixels_in_memory_load_as_the_same_image():
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    hwc = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    pil = Image.fromarray(hwc)
+    want = np.asarray(load_image(pil))
+    chw = torch.from_numpy(hwc).permute(2, 0, 1)
+    for src in (hwc, hwc.transpose(2, 0, 1), hwc / 255.0, chw, chw.float() / 255,
+                np.dstack([hwc, np.full((20, 30, 1), 255, np.uint8)])):
+        got = load_image(src)
+        assert got.mode == "RGB" and got.size == (30, 20)
+        assert (np.asarray(got) == want).all(), type(src)
+    gray = load_image(hwc[..., 0])
+    assert gray.mode == "RGB" and (np.asarray(gray)[..., 1] == hwc[..., 0]).all()
+    for bad, msg in ((np.zeros((2, 20, 30, 3), np.uint8), "not one image"), (hwc * 2.0, r"\[0, 1\]"),
+                     (hwc.astype(np.int32), "int32"), (torch.zeros(5, 8, 8), "not one image")):
+        with pytest.raises(ImageLoadError, match=msg):
+            load_image(bad)
