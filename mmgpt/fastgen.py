@@ -196,7 +196,8 @@ def _plan(model, split: bool, rows: bool) -> _DecoderPlan:
     if plans.key != key:
         plans.key, plans.by_split = key, {}
     w = model.decoder.lm_head.weight
-    kernel = w.device.type == "cpu" and w.dtype == torch.float32 and kernels.available()
+    kernel = (w.device.type == "cpu" and w.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+              and kernels.available())
     if kernel:
         split = rows = False  # one plan serves every batch size
     if (split, rows, kernel) not in plans.by_split:

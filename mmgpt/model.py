@@ -52,7 +52,8 @@ def _scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
     if scale == 1.0 or not x.requires_grad:
         return x
     d = x.detach()
-    return d + (x - d) * scale  # (x - d) is exactly 0: the forward is x bit for bit
+    # (x - d) is exactly 0, so the forward is x bit for bit (nan_to_num: inf - inf would be NaN)
+    return d + (x - d).nan_to_num(0.0) * scale
 
 
 def _block_with_shared_memory(block, h, mask, memory, memory_index, position_ids) -> torch.Tensor:

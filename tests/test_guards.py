@@ -46,14 +46,18 @@ def test_resume_with_other_lora_settings_and_unknown_lora_targets_are_one_line(t
     assert "lora.target_modules: ['q_proj']" in err and "'c_attn'" in err and "Traceback" not in err
 
 
-def test_overrides_that_differ_from_the_model_in_model_path_are_refused(tmp_path, capsys):
+def test_overrides_that_differ_from_the_model_in_model_path_are_named(tmp_path, capsys):
     first = tmp_path / "first"
     assert main([*SMALL, f"output_dir={first}", "max_steps=1"]) == 0
     capsys.readouterr()
-    rc = main([*SMALL, f"output_dir={tmp_path / 'second'}", "max_steps=1", f"model.path={first / 'model'}",
-               "model.overrides.adapter.type=resampler"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "model.overrides: adapter.type='resampler'" in err and "model.path" in err
+    with pytest.warns(UserWarning, match=r"model.overrides: adapter.type='resampler' .* not applied"):
+        rc = main([*SMALL, f"output_dir={tmp_path / 'second'}", "max_steps=1", f"model.path={first / 'model'}",
+                   "model.overrides.adapter.type=resampler"])
+    assert rc == 0
+    from train.loop import _differences
+
+    same = {"vision": {"image_mean": (0.5, 0.5, 0.5)}, "fusion": None}  # a tuple and a default say no change
+    assert _differences(same, {"vision": {"image_mean": [0.5, 0.5, 0.5]}, "fusion": "cross_attention"}) == []
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +89,26 @@ def test_command_line_and_server_follow_the_saved_generation_config(short_model,
     with TestClient(create_app(short_model, device="cpu", max_wait_ms=5)) as client:
         r = client.post("/v1/caption", json={"images": [b64]})
         assert r.status_code == 200 and r.json()["captions"] == [expected]
+
+
+def test_server_defaults_from_the_model_stay_within_the_request_bounds(short_model, tmp_path):
+    from mmgpt.serve import schemas
+    from mmgpt.serve.app import _bounded_defaults
+
+    class Big:
+        class model:
+            class generation_config:
+                max_new_tokens, num_beams = 500, 9
+
+    assert _bounded_defaults(Big) == {"max_new_tokens": schemas.MAX_NEW_TOKENS, "num_beams": schemas.MAX_BEAMS}
+    assert _bounded_defaults(object()) == {"max_new_tokens": 32, "num_beams": 1}
+    assert _bounded_defaults(load(short_model, device="cpu")) == {"max_new_tokens": 2, "num_beams": 2}
+
+
+def test_lora_targets_may_be_dotted_suffixes(tmp_path):
+    out = tmp_path / "run"
+    assert main([*SMALL, f"output_dir={out}", "max_steps=1", "lora.enabled=true",
+                 "lora.target_modules=[attn.c_attn, attn.c_proj]"]) == 0
 
 
 def test_a_closed_pipe_ends_the_command_quietly(tmp_path):

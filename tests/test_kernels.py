@@ -83,6 +83,28 @@ def test_the_library_is_built_once_and_reused(fresh_state):
     assert kernels.available() and built[0].stat().st_mtime_ns == mtime
 
 
+@needs_kernel
+def test_inputs_the_kernel_cannot_read_go_to_torch(fresh_state):
+    w, b = torch.randn(64, 40), torch.randn(40)
+    f = kernels.rows_linear(w, b)
+    x = torch.randn(2, 64)
+    with pytest.raises(RuntimeError):  # torch's error, not a read past the input's end
+        f(torch.randn(2, 10))
+    with pytest.raises(RuntimeError):
+        f(x.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert f(x).dtype == torch.bfloat16  # torch's addmm under autocast
+
+
+
+@needs_kernel
+def test_a_corrupt_library_in_the_cache_is_rebuilt(fresh_state):
+    lib = kernels.library_path()  # in the test's own cache: nothing has loaded it
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"garbage")
+    assert kernels.available() and lib.stat().st_size > 1000
+
+
 def test_without_a_compiler_decoding_falls_back_with_one_log_line(fresh_state, monkeypatch, caplog):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     monkeypatch.setenv("PATH", os.devnull)  # no cc or gcc either

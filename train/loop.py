@@ -8,6 +8,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -95,10 +96,10 @@ def build_model_for(cfg: TrainConfig, train_set):
         model = MMGPTModel.from_pretrained(cfg.model.path, attn_implementation=cfg.model.attn_implementation)
         processor = MMGPTProcessor.from_pretrained(cfg.model.path)
         differ = _differences(cfg.model.overrides, model.config.to_dict())
-        if differ:  # the saved model's own config decides its shape; a differing override would be ignored
-            raise ConfigError(f"model.overrides: {', '.join(differ)} differ from the model in model.path "
-                              f"{cfg.model.path!r}, which keeps its own config; drop those overrides, or build a "
-                              "new model from model.preset")
+        if differ:  # the saved model's own config decides its shape: say which overrides are not applied
+            warnings.warn(f"model.overrides: {', '.join(differ)} not applied: the model in model.path "
+                          f"{cfg.model.path!r} keeps its own config (build a new model from model.preset to change "
+                          "them)", stacklevel=2)
         o = cfg.objectives  # this run's losses, not the ones the model was trained with
         model.config.itc_weight, model.config.lm_weight = o.itc_weight, o.lm_weight
         model.config.label_smoothing, model.config.bow_weight = o.label_smoothing, o.bow_weight
@@ -123,14 +124,22 @@ def build_model_for(cfg: TrainConfig, train_set):
             "model.overrides.text_pretrained=DIR") from None
 
 
+def _lora_shape(cfg: TrainConfig) -> dict:
+    """The LoRA settings that decide the model's parameters (dropout does not; off is off whatever r says)."""
+    lo = cfg.lora
+    return {"enabled": False} if not lo.enabled else {"enabled": True, "r": lo.r, "alpha": lo.alpha,
+                                                       "target_modules": lo.target_modules}
+
+
 def _differences(overrides: dict, config: dict, prefix: str = "") -> list[str]:
-    """`key=value` for each override (nested dicts key by key) that the config does not already have."""
+    """`key=value` for each override (nested dicts key by key) that the config does not already have;
+    compared as JSON (a tuple equals a list), None (a default) equals anything."""
     out = []
     for key, value in overrides.items():
         have = config.get(key) if isinstance(config, dict) else None
         if isinstance(value, dict) and isinstance(have, dict):
             out += _differences(value, have, f"{prefix}{key}.")
-        elif have != value:
+        elif value is not None and json.loads(json.dumps(have, default=str)) != json.loads(json.dumps(value, default=str)):
             out.append(f"{prefix}{key}={value!r} (the model has {have!r})")
     return out
 
@@ -234,10 +243,10 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
         if saved.get("batch_size", cfg.batch_size) != cfg.batch_size:  # the data position counts batches
             raise ConfigError(f"resume: the checkpoint was trained with batch_size={saved['batch_size']}; "
                               f"resume with that batch_size (this run says {cfg.batch_size})")
-        lora_now = to_dict(cfg.lora)
-        if saved.get("lora", lora_now) != lora_now:  # the model's parameters differ: lora_* layers, rank
-            diff = ", ".join(f"lora.{k}={saved['lora'].get(k)!r}" for k in lora_now
-                             if saved["lora"].get(k) != lora_now[k])
+        lora_now = _lora_shape(cfg)
+        lora_then = saved.get("lora", lora_now)
+        if lora_then != lora_now:  # the model's parameters differ: lora_* layers, their rank or places
+            diff = ", ".join(f"lora.{k}={lora_then.get(k)!r}" for k in lora_now if lora_then.get(k) != lora_now[k])
             raise ConfigError(f"resume: the checkpoint was trained with {diff}; resume with the LoRA settings it was "
                               "trained with")
         try:
@@ -245,7 +254,9 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
         except ValueError as err:  # torch: "loaded state dict has a different number of parameter groups"
             raise ConfigError(f"resume: the checkpoint's optimizer does not fit this run ({err}); resume with the "
                               "optim.name, freeze.* and per-part learning rates it was trained with") from None
-        except RuntimeError as err:  # torch: "Error(s) in loading state_dict ...": another model
+        except RuntimeError as err:
+            if "Error(s) in loading state_dict" not in str(err):  # a corrupt file, memory: not a config matter
+                raise
             first = str(err).strip().splitlines()[0]
             raise ConfigError(f"resume: the checkpoint's weights do not fit this run's model ({first}); resume with "
                               "the model, lora.* and freeze.* settings it was trained with") from None
@@ -290,7 +301,7 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
 
     def checkpoint(step: int) -> Path:
         state["bad"], state["best"], state["seen_items"] = bad.to_dict(), best, seen_items
-        state["best_metric"], state["batch_size"], state["lora"] = cfg.best_metric, cfg.batch_size, to_dict(cfg.lora)
+        state["best_metric"], state["batch_size"], state["lora"] = cfg.best_metric, cfg.batch_size, _lora_shape(cfg)
         state["train_seconds"] = time.time() - t0
         return save_checkpoint(accelerator, ckpt_dir, step, state, keep=cfg.keep_checkpoints)
 

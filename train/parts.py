@@ -68,8 +68,11 @@ def apply_freezing_and_lora(model, cfg: TrainConfig):
         targets = list(cfg.lora.target_modules)
         if targets == DefaultLora().target_modules:  # not set: the decoder type's own attention projections
             targets = list(model.config.lora_target_modules)
-        names = {n.rpartition(".")[2] for n, m in model.decoder.named_modules() if isinstance(m, torch.nn.Module)}
-        unknown = [t for t in targets if t not in names]
+        names = [n for n, _ in model.decoder.named_modules()]
+        # peft matches a module by its name or a dotted suffix of it ("c_attn", "attn.c_proj"); a string
+        # target (a regex, "all-linear") is peft's to read
+        unknown = [] if isinstance(cfg.lora.target_modules, str) else [
+            t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
         if unknown:
             from train.config import ConfigError
 

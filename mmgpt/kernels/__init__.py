@@ -6,8 +6,8 @@ weights at 5-9 GB/s on the 2-core AVX2 machine this was written on, where memory
 (`python -m benchmarks.decode_kernels`); this kernel reads weights packed in 16-column panels,
 which the hardware prefetchers stream whole.
 
-The C file is compiled once per source version with the system's C compiler (`$CC`, else `cc` or
-`gcc`; well under a second, no torch headers) into `$XDG_CACHE_HOME/mmgpt/kernels` (default
+The C file is compiled once per source version with the system's C compiler (`gcc`, else `$CC` or
+`cc`; well under a second, no torch headers) into `$XDG_CACHE_HOME/mmgpt/kernels` (default
 `~/.cache/mmgpt/kernels`), and called through ctypes. Its OpenMP threads are torch's own: the library
 names the same OpenMP runtime (libgomp.so.1) that torch has already loaded. Anything missing (no
 compiler, no AVX2, not Linux x86-64, a failed build) means `available()` is False and callers keep
@@ -16,6 +16,7 @@ torch's kernels, with one log line saying why. `MMGPT_KERNELS=0` turns the kerne
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -55,17 +56,22 @@ def _why_not() -> str | None:
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc"):
+    # gcc first: its -fopenmp names libgomp, the OpenMP runtime torch has loaded (clang's would be a second one)
+    for name in ("gcc", os.environ.get("CC"), "cc"):
         if name and shutil.which(name):
             return shutil.which(name)
     return None
 
 
+def library_path() -> Path:
+    """Where the library of this source and these flags is cached."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    return _cache_dir() / f"rows_linear-{key}.so"
+
+
 def _build() -> Path:
     """Compile rows_linear.c once per source and flags; returns the shared library's path."""
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join(FLAGS).encode()).hexdigest()[:16]
-    lib = _cache_dir() / f"rows_linear-{key}.so"
+    lib = library_path()
     if lib.is_file():
         return lib
     cc = _compiler()
@@ -79,6 +85,9 @@ def _build() -> Path:
                              check=False)
         if run.returncode != 0:
             raise RuntimeError(f"{cc} failed: {(run.stderr or run.stdout).strip()[-500:]}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)  # mkstemp's 0600 would keep the library from other users of a cache
         os.replace(tmp, lib)  # atomic: a process building beside this one sees a whole library or none
     finally:
         if os.path.exists(tmp):
@@ -92,15 +101,22 @@ def _load():
     fn = None
     why = _why_not()
     if why is None:
-        try:
-            lib = ctypes.CDLL(str(_build()))
-            fn = lib.mmgpt_rows_linear
-            fn.restype = None
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            fn.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, ctypes.c_int]
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-            why = f"build failed: {err}"
-            fn = None
+        for attempt in range(2):
+            path = None
+            try:
+                path = _build()
+                fn = ctypes.CDLL(str(path)).mmgpt_rows_linear
+                fn.restype = None
+                i64, ptr = ctypes.c_int64, ctypes.c_void_p
+                fn.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, ctypes.c_int]
+                break
+            except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as err:
+                why, fn = f"build failed: {err}", None
+                if attempt == 0 and path is not None and path.is_file():  # a corrupt or stale cached library
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                    continue
+                break
     if fn is None:
         log.info("mmgpt.kernels: using torch's kernels for decoding (%s)", why)
     _state["fn"] = fn
@@ -124,8 +140,9 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 
 def rows_linear(weight: torch.Tensor, bias: torch.Tensor | None):
     """-> f(x): x (R, in) fp32 on the CPU -> x @ weight + bias, (R, out); weight (in, out) as
-    transformers' Conv1D stores it. Packs the weight once; more than MAX_ROWS rows go to torch's addmm
-    on the original weight. Call only when `available()`."""
+    transformers' Conv1D stores it. Packs the weight once; more than MAX_ROWS rows, or an input that is
+    not a 2-D fp32 CPU tensor of `in` columns, go to torch's addmm on the original weight. Call only
+    when `available()`."""
     fn = _load()
     if fn is None:
         raise RuntimeError("mmgpt.kernels.rows_linear is not available here; check available() first")
@@ -138,7 +155,8 @@ def rows_linear(weight: torch.Tensor, bias: torch.Tensor | None):
 
     def run(x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if rows > MAX_ROWS:
+        if (rows > MAX_ROWS or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2
+                or x.shape[1] != k or torch.is_autocast_enabled("cpu")):  # torch's product and its own errors
             return torch.mm(x, w_ref) if b is None else torch.addmm(b, x, w_ref)
         x = x.contiguous()
         out = torch.empty(rows, n, dtype=torch.float32)

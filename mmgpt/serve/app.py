@@ -63,6 +63,15 @@ class Work:
     options: tuple = ()
 
 
+def _bounded_defaults(pipeline) -> dict:
+    """What a request that leaves the generation options out gets: the model's saved generation_config
+    (else 32 new tokens, greedy, as `mmgpt.load` does), within the bounds a request may ask for."""
+    gc = getattr(getattr(pipeline, "model", None), "generation_config", None)
+    tokens = getattr(gc, "max_new_tokens", None) or 32
+    beams = getattr(gc, "num_beams", None) or 1
+    return {"max_new_tokens": min(int(tokens), schemas.MAX_NEW_TOKENS), "num_beams": min(int(beams), schemas.MAX_BEAMS)}
+
+
 def run_batch(pipeline, work: Work, items: list) -> list:
     """One model call for a batch of items (runs in the batcher's thread)."""
     opts = dict(work.options)
@@ -136,6 +145,11 @@ def create_app(
     config = ServeConfig(max_batch_size, max_wait_ms, max_upload_bytes, max_pixels, timeout_s, max_streams)
     pipeline, default_name = _load(pipeline_or_model_dir, device, dtype)
     name = name or default_name
+    defaults = _bounded_defaults(pipeline)
+
+    def options(req) -> tuple:
+        """The request's generation options, the model's own (bounded) for those it leaves out."""
+        return tuple({**defaults, **dict(req.options())}.items())
     batcher = DynamicBatcher(lambda work, items: run_batch(pipeline, work, items), max_batch_size, max_wait_ms)
     streams: list[asyncio.Semaphore] = []  # made in the lifespan, in the loop that serves
     page = render_page(name, max_upload_bytes)
@@ -186,7 +200,7 @@ def create_app(
         async def go():
             req = await body(request, schemas.CaptionRequest)
             images = await decode_images(req.images, "images", max_pixels)
-            return schemas.CaptionResponse(captions=await batcher.submit_many(Work("caption", req.options()), images))
+            return schemas.CaptionResponse(captions=await batcher.submit_many(Work("caption", options(req)), images))
 
         return await within_timeout(go())
 
@@ -196,7 +210,7 @@ def create_app(
             req = await body(request, schemas.AskRequest)
             images = await decode_images(req.images, "images", max_pixels)
             items = [(im, req.question) for im in images]
-            return schemas.AskResponse(answers=await batcher.submit_many(Work("ask", req.options()), items))
+            return schemas.AskResponse(answers=await batcher.submit_many(Work("ask", options(req)), items))
 
         return await within_timeout(go())
 
@@ -261,9 +275,8 @@ def create_app(
             try:
                 from transformers import StoppingCriteriaList
 
-                gen = {"stopping_criteria": StoppingCriteriaList([_Cancel(stop)]), "num_beams": 1}
-                if req.max_new_tokens is not None:
-                    gen["max_new_tokens"] = req.max_new_tokens
+                gen = {"stopping_criteria": StoppingCriteriaList([_Cancel(stop)]), "num_beams": 1,
+                       "max_new_tokens": req.max_new_tokens or defaults["max_new_tokens"]}
                 pieces = await asyncio.to_thread(pipeline.stream_answer, image, req.question, **gen)
                 return pieces, await asyncio.to_thread(next, pieces, end)  # first piece: 504 if it is late
             except BaseException:
