@@ -111,12 +111,40 @@ class MMGPTConfig(PreTrainedConfig):
             raise ValueError(f"unknown model preset {name!r}: no file {path}; known presets: {known}")
         data = json.loads(path.read_text())
         data.pop("_comment", None)
+        _check_override_keys(cls, overrides)
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(data.get(key), dict):
                 data[key] = {**data[key], **value}
             else:
                 data[key] = value
         return cls(**data)
+
+
+# Keys `vision` and `adapter` read besides a backend's own `config` (mmgpt/model.py, mmgpt/adapter.py).
+VISION_KEYS = ("backend", "config", "stem", "stem_width", "stem_extra", "stem_norm", "stem_init", "position_init",
+               "position_scale", "pool", "image_mean", "image_std")
+ADAPTER_KEYS = ("type", "positions", "num_queries", "depth", "num_heads")
+GENERIC_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "tie_word_embeddings")
+
+
+def _check_override_keys(cls, overrides: dict) -> None:
+    """A misspelt override (`vision.position_int`) was stored and silently did nothing: name it and the
+    nearest key. `text` takes the decoder config's own keys and `vision.config` the backend's: not checked."""
+    import difflib
+
+    def check(keys, known, where: str, shown=None) -> None:
+        for key in keys:
+            if key not in known:
+                near = difflib.get_close_matches(key, list(shown or known), n=1, cutoff=0.6)
+                hint = (f"; did you mean '{where}{near[0]}'?" if near
+                        else f"; known: {', '.join(sorted(shown or known))}")
+                raise ValueError(f"unknown model option '{where}{key}'{hint}")
+
+    own = set(cls.__annotations__) | set(GENERIC_KEYS)  # the options of an mmgpt model, for the message
+    check(overrides, set(cls.__dataclass_fields__) | set(GENERIC_KEYS), "", shown=own)
+    for part, known in (("vision", VISION_KEYS), ("adapter", ADAPTER_KEYS)):
+        if isinstance(overrides.get(part), dict):
+            check(overrides[part], set(known), f"{part}.")
 
 
 def list_presets() -> list[str]:

@@ -24,7 +24,10 @@ def gather_with_grad(x: torch.Tensor, grad: bool = True) -> tuple[torch.Tensor, 
     rank, world = _world()
     if world == 1:
         return x, 0
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+    import torch.distributed._functional_collectives as fc
+
+    # all_gather_tensor_autograd warns as deprecated where its successor exists
+    gather_autograd = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
 
     n = torch.tensor([x.shape[0]], device=x.device)
     counts = [torch.zeros_like(n) for _ in range(world)]
@@ -38,7 +41,7 @@ def gather_with_grad(x: torch.Tensor, grad: bool = True) -> tuple[torch.Tensor, 
         x = torch.cat([x, pad], dim=0)  # (width, ...)
     group = dist.group.WORLD
     if grad:
-        full = all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=group)  # (world * width, ...)
+        full = gather_autograd(x.contiguous(), gather_dim=0, group=group)  # (world * width, ...)
     else:
         full = x.new_empty((world * width, *x.shape[1:]))
         dist.all_gather_into_tensor(full, x.contiguous(), group=group)

@@ -2,6 +2,7 @@
 and the command line and server follow a model's saved generation_config as the Python API does."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -131,3 +132,37 @@ def test_a_prefix_decoder_warns_past_the_positions_it_was_trained_on():
         model.generate(pixel_values=px, max_new_tokens=4, do_sample=False)
     with pytest.warns(UserWarning, match="trained on 64"):
         model.generate(pixel_values=px, max_new_tokens=60, do_sample=False)
+
+
+def test_readme_audit_settings_are_refused_in_one_line_before_training(tmp_path, capsys):
+    """Found by a README walkthrough: each gave a traceback, or was accepted and did nothing."""
+    from train.config import ConfigError, load_config
+
+    for override, message in [
+        ("data.train=shapes:bogus:10", r"data.train\[0\]: unknown shapes split 'bogus'"),
+        ("data.train=[{format: shapes, size: 10, hard_negatives: -1}]", "hard_negatives must be a count"),
+        ("data.train=[{format: shapes, size: 10, task_mix: {caption: 1, vq: 2}}]", "task_mix must map"),
+        ("data.validation=shapes:validation:0", "data.validation: size 0 gives nothing to evaluate"),
+        ("lora.dropout=2", r"lora.dropout: must be in \[0, 1\)"),
+        ("lora.alpha=0", "lora.alpha: must be > 0"),
+        ("freeze.feature_cache=disk", "freeze.feature_cache: must be 'memory' or 'none'"),
+        ("trackers=[tensorbord]", "trackers: 'tensorbord' is not a tracker"),
+        ("optim.lrr=1", "did you mean 'optim.lr'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+    import importlib.util
+
+    if not any(importlib.util.find_spec(m) for m in ("transformer_engine", "msamp", "torchao")):
+        with pytest.raises(ConfigError, match="precision: fp8 needs"):
+            load_config(None, ["precision=fp8"])
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.warns(UserWarning, match="'wandb' is not installed"):
+            assert load_config(None, ["trackers=[wandb]"]).trackers == []
+    for argv, message in [
+        ([f"model.path={tmp_path / 'nothing'}"], "model.path .*not a model folder mmgpt can load"),
+        (["model.overrides.vision.position_int=sincos"], "did you mean 'vision.position_init'"),
+    ]:
+        assert main([*SMALL, f"output_dir={tmp_path / 'run'}", "max_steps=1", *argv]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err, err

@@ -26,7 +26,7 @@ SMALL = [
 
 
 def test_unknown_key_names_the_key_and_the_nearest_valid_one(tmp_path):
-    with pytest.raises(ConfigError, match=r"'optim.lrr'.*'lr'"):
+    with pytest.raises(ConfigError, match=r"'optim.lrr'; did you mean 'optim.lr'"):
         load_config(None, ["optim.lrr=0.1"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_step: 10\n")

@@ -118,12 +118,13 @@ class TrainConfig:
     progress: bool = True
 
 
-def _nearest(key: str, valid) -> str:
+def _nearest(key: str, valid, where: str = "") -> str:
     """The valid key the user most likely meant: one that starts with what was typed (`out` ->
-    `output_dir`), else the closest spelling; nothing when no key is close."""
+    `output_dir`), else the closest spelling; nothing when no key is close. `where`: the section the
+    key is in (`optim`), named in the suggestion (`'optim.lr'`)."""
     valid = sorted(valid)
     match = [v for v in valid if v.startswith(key)] or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"; did you mean {match[0]!r}?" if match else ""
+    return f"; did you mean {(where + '.' if where else '') + match[0]!r}?" if match else ""
 
 
 def _build(cls, data: dict, where: str):
@@ -135,7 +136,7 @@ def _build(cls, data: dict, where: str):
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in names:
-            raise ConfigError(f"unknown config key {path!r}{_nearest(key, names)}")
+            raise ConfigError(f"unknown config key {path!r}{_nearest(key, names, where)}")
         sub = hints[key]
         if dataclasses.is_dataclass(sub):
             kwargs[key] = _build(sub, value or {}, path)
@@ -191,7 +192,7 @@ def _check_override_path(dotted: str) -> None:
         names = {f.name for f in dataclasses.fields(cls)}
         path = f"{where}.{k}" if where else k
         if k not in names:
-            raise ConfigError(f"unknown config key {path!r}{_nearest(k, names)}")
+            raise ConfigError(f"unknown config key {path!r}{_nearest(k, names, where)}")
         sub = get_type_hints(cls)[k]
         cls, where = (sub if dataclasses.is_dataclass(sub) else None), path
 
@@ -261,6 +262,30 @@ def _check_values(cfg: TrainConfig) -> None:
     need(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "must be in [0, 1]")
     need(d.eval_images >= 1, "data.eval_images", d.eval_images, "must be >= 1")
     need(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "must be >= 1")
+    need(cfg.lora.alpha > 0, "lora.alpha", cfg.lora.alpha, "must be > 0 (the update is scaled by alpha / r)")
+    need(0 <= cfg.lora.dropout < 1, "lora.dropout", cfg.lora.dropout, "must be in [0, 1)")
+    need(cfg.freeze.feature_cache in ("memory", "none"), "freeze.feature_cache", cfg.freeze.feature_cache,
+         "must be 'memory' or 'none'")
+    if cfg.precision == "fp8":
+        import importlib.util
+
+        if not any(importlib.util.find_spec(m) for m in ("transformer_engine", "msamp", "torchao")):
+            raise ConfigError("precision: fp8 needs transformer_engine, MS-AMP or torchao installed (and a GPU "
+                              "with fp8); use bf16")
+    known = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
+    installed = []
+    for tracker in cfg.trackers or []:
+        import importlib.util
+        import warnings
+
+        if tracker not in known:
+            raise ConfigError(f"trackers: {tracker!r} is not a tracker Accelerate knows ({', '.join(known)})")
+        if importlib.util.find_spec(tracker) is None:
+            warnings.warn(f"trackers: {tracker!r} is not installed here (pip install {tracker}); this run logs to "
+                          "OUT/metrics.jsonl only", stacklevel=2)
+        else:
+            installed.append(tracker)
+    cfg.trackers = installed
     if cfg.best_metric is not None:
         base = cfg.best_metric.split("/")[0]
         if base not in EVAL_METRICS or (base != cfg.best_metric and base not in ("caption_exact_match", "vqa_accuracy")):
@@ -284,8 +309,14 @@ def _check_data(d: DataConfig) -> None:
             if isinstance(value, str):
                 value = parse_source(value)
             SourceSpec.from_dict(value)
+            if value.get("format") == "shapes":  # cheap to make: its split, task_mix, counts checked now
+                from train.data import build_source
+
+                build_source(dict(value))
         except ValueError as err:
             raise ConfigError(f"{where}: {err}") from None
+        if not where.startswith("data.train") and value.get("size") == 0:
+            raise ConfigError(f"{where}: size 0 gives nothing to evaluate; give a size >= 1, or no {where}")
         return value
 
     train = d.train if isinstance(d.train, list) else [d.train]

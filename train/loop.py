@@ -93,8 +93,13 @@ def build_model_for(cfg: TrainConfig, train_set):
     from mmgpt.config import MMGPTConfig
 
     if cfg.model.path:
-        model = MMGPTModel.from_pretrained(cfg.model.path, attn_implementation=cfg.model.attn_implementation)
-        processor = MMGPTProcessor.from_pretrained(cfg.model.path)
+        try:
+            model = MMGPTModel.from_pretrained(cfg.model.path, attn_implementation=cfg.model.attn_implementation)
+            processor = MMGPTProcessor.from_pretrained(cfg.model.path)
+        except (OSError, ValueError) as err:  # no folder, no weights in it, not an mmgpt model
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"model.path {cfg.model.path!r}: not a model folder mmgpt can load ({first}); give "
+                              "the model folder of an earlier run (OUT/model)") from None
         differ = _differences(cfg.model.overrides, model.config.to_dict())
         if differ:  # the saved model's own config decides its shape: say which overrides are not applied
             warnings.warn(f"model.overrides: {', '.join(differ)} not applied: the model in model.path "
@@ -550,7 +555,9 @@ def _evaluate(accelerator, model, processor, cfg, step, metrics_path) -> dict:
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
         _log(metrics_path, {"step": step, "eval": metrics, "validation_records": n})
         accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-        print(f"step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if "/" not in k), flush=True)
+        shown = (f"{k}={int(v)}" if k.startswith(("num_", "bad_")) else f"{k}={v:.3f}"  # counts as counts
+                 for k, v in metrics.items() if "/" not in k)
+        print(f"step {step}: " + ", ".join(shown), flush=True)
     accelerator.wait_for_everyone()
     return metrics
 

@@ -51,8 +51,13 @@ def run(args) -> int:
             max_pixels=args.max_pixels,
             timeout_s=args.timeout,
         )
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    except ValueError as err:  # name the flag, not the field: "timeout_s must be > 0" -> "--timeout ..."
+        msg = str(err)
+        for field, flag in (("max_batch_size", "--max-batch-size"), ("max_wait_ms", "--max-wait-ms"),
+                            ("max_upload_bytes", "--max-upload-mb"), ("max_pixels", "--max-pixels"),
+                            ("timeout_s", "--timeout")):
+            msg = msg.replace(field, flag)
+        raise UserError(msg) from None
     try:
         sock = bind(args.host, args.port)
     except OSError as err:

@@ -59,7 +59,7 @@ def load_hf(name: str, split: str | None = None):
     try:
         return datasets.load_dataset(name, split=split or "train")
     except (OSError, ValueError) as e:  # not found, offline, bad split
-        raise DataError(f"cannot load Hugging Face dataset {name!r} split {split!r}: {e}") from e
+        raise DataError(f"cannot load Hugging Face dataset {name!r} split {split or 'train'!r}: {e}") from e
 
 
 class HFSource(IndexedSource):
