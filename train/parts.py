@@ -65,14 +65,13 @@ def apply_freezing_and_lora(model, cfg: TrainConfig):
 
         from train.config import LoraConfig as DefaultLora
 
-        targets = list(cfg.lora.target_modules)
+        pattern = isinstance(cfg.lora.target_modules, str)  # a regex or "all-linear": peft's to read
+        targets = cfg.lora.target_modules if pattern else list(cfg.lora.target_modules)
         if targets == DefaultLora().target_modules:  # not set: the decoder type's own attention projections
             targets = list(model.config.lora_target_modules)
         names = [n for n, _ in model.decoder.named_modules()]
-        # peft matches a module by its name or a dotted suffix of it ("c_attn", "attn.c_proj"); a string
-        # target (a regex, "all-linear") is peft's to read
-        unknown = [] if isinstance(cfg.lora.target_modules, str) else [
-            t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        # peft matches a module by its name or a dotted suffix of it ("c_attn", "attn.c_proj")
+        unknown = [] if pattern else [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
         if unknown:
             from train.config import ConfigError
 
@@ -81,7 +80,8 @@ def apply_freezing_and_lora(model, cfg: TrainConfig):
             raise ConfigError(f"lora.target_modules: {unknown} name no module of this "
                               f"{model.decoder.config.model_type} decoder; its linear layers are {linears}")
         # GPT-2's Conv1D stores its weight as (in, out): peft must transpose it (fan_in_fan_out).
-        conv = any(isinstance(m, Conv1D) for n, m in model.decoder.named_modules() if n.rpartition(".")[2] in targets)
+        conv = any(isinstance(m, Conv1D) for n, m in model.decoder.named_modules()
+                   if pattern or any(n == t or n.endswith("." + t) for t in targets))
         lcfg = LoraConfig(
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
             target_modules=targets, fan_in_fan_out=conv,
