@@ -82,7 +82,11 @@ def _array_image(src, name: str) -> Image.Image:
     (a (3, H, W) array is read channels-first); torch: (3, H, W) or (1 or 4, H, W), as torchvision does.
     uint8 0-255, or floats / bools in [0, 1]."""
     torch_like = not isinstance(src, np.ndarray)
-    arr = src.detach().cpu().numpy() if torch_like else src
+    if torch_like:
+        src = src.detach().cpu()
+        arr = (src.float() if src.is_floating_point() else src).numpy()  # numpy has no bfloat16
+    else:
+        arr = src
     shape = tuple(arr.shape)
     if arr.ndim == 3 and (torch_like or (shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4))):
         arr = arr.transpose(1, 2, 0)  # channels first -> last

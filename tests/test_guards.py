@@ -156,9 +156,19 @@ def test_readme_audit_settings_are_refused_in_one_line_before_training(tmp_path,
     if not any(importlib.util.find_spec(m) for m in ("transformer_engine", "msamp", "torchao")):
         with pytest.raises(ConfigError, match="precision: fp8 needs"):
             load_config(None, ["precision=fp8"])
+    from train.config import usable_trackers
+
     if importlib.util.find_spec("wandb") is None:
-        with pytest.warns(UserWarning, match="'wandb' is not installed"):
-            assert load_config(None, ["trackers=[wandb]"]).trackers == []
+        with pytest.warns(UserWarning, match="'wandb' not installed here"):
+            cfg = load_config(None, ["trackers=[wandb]"])
+        assert cfg.trackers == ["wandb"] and usable_trackers(cfg.trackers) == []  # kept as asked, not logged to
+    assert load_config(None, ["trackers=all"]).trackers == ["all"]  # Accelerate's log_with names
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert load_config(None, ["trackers=tensorboard"]).trackers == ["tensorboard"]
+    assert load_config(None, ["freeze.feature_cache=off"]).freeze.feature_cache == "none"  # YAML's false
+    with pytest.raises(ConfigError, match="model.attn_implementation: must be 'sdpa' or 'eager'"):
+        load_config(None, ["model.attn_implementation=flash_attention_2"])
     for argv, message in [
         ([f"model.path={tmp_path / 'nothing'}"], "model.path .*not a model folder mmgpt can load"),
         (["model.overrides.vision.position_int=sincos"], "did you mean 'vision.position_init'"),

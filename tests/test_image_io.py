@@ -245,6 +245,7 @@ def test_pixels_in_memory_load_as_the_same_image():
         got = load_image(src)
         assert got.mode == "RGB" and got.size == (30, 20)
         assert (np.asarray(got) == want).all(), type(src)
+    assert (np.asarray(load_image(chw.bfloat16() / 255)) == want).mean() > 0.9  # numpy has no bfloat16
     gray = load_image(hwc[..., 0])
     assert gray.mode == "RGB" and (np.asarray(gray)[..., 1] == hwc[..., 0]).all()
     for bad, msg in ((np.zeros((2, 20, 30, 3), np.uint8), "not one image"), (hwc * 2.0, r"\[0, 1\]"),

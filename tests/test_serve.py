@@ -401,6 +401,8 @@ def test_serve_command_reports_user_errors(model_dir, tmp_path):
         run(serve_args(tmp_path / "missing", "--port", 0))
     with pytest.raises(UserError, match="--max-batch-size must be >= 1"):
         run(serve_args(model_dir, "--max-batch-size", 0))
+    with pytest.raises(UserError, match="--max-upload-mb must be > 0, got -1"):
+        run(serve_args(model_dir, "--max-upload-mb", -1))
     assert serve_args(model_dir).host == "127.0.0.1"  # loopback unless told otherwise
 
 

@@ -227,6 +227,17 @@ EVAL_METRICS = ("caption_exact_match", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "
 PRECISIONS = ("auto", "no", "bf16", "fp16", "fp8")
 
 
+def usable_trackers(trackers) -> list:
+    """The trackers (Accelerate's names, or "all") that can log here: each one's package is installed."""
+    if not trackers:
+        return []
+    if "all" in trackers:
+        return ["all"]
+    import accelerate.utils as au
+
+    return [t for t in trackers if getattr(au, f"is_{t}_available", lambda: False)()]
+
+
 def _check_values(cfg: TrainConfig) -> None:
     """Ranges a typo or a sign slip can break, refused before any work starts."""
     o, d = cfg.optim, cfg.data
@@ -264,28 +275,34 @@ def _check_values(cfg: TrainConfig) -> None:
     need(cfg.lora.r >= 1, "lora.r", cfg.lora.r, "must be >= 1")
     need(cfg.lora.alpha > 0, "lora.alpha", cfg.lora.alpha, "must be > 0 (the update is scaled by alpha / r)")
     need(0 <= cfg.lora.dropout < 1, "lora.dropout", cfg.lora.dropout, "must be in [0, 1)")
+    if cfg.freeze.feature_cache in (False, "no", "off", "false"):  # YAML reads `off` as false
+        cfg.freeze.feature_cache = "none"
     need(cfg.freeze.feature_cache in ("memory", "none"), "freeze.feature_cache", cfg.freeze.feature_cache,
-         "must be 'memory' or 'none'")
+         "must be 'memory' or 'none' (off)")
+    need(cfg.model.attn_implementation in ("sdpa", "eager"), "model.attn_implementation",
+         cfg.model.attn_implementation, "must be 'sdpa' or 'eager' (what mmgpt's model runs)")
     if cfg.precision == "fp8":
         import importlib.util
 
         if not any(importlib.util.find_spec(m) for m in ("transformer_engine", "msamp", "torchao")):
             raise ConfigError("precision: fp8 needs transformer_engine, MS-AMP or torchao installed (and a GPU "
                               "with fp8); use bf16")
-    known = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
-    installed = []
-    for tracker in cfg.trackers or []:
-        import importlib.util
-        import warnings
+    if isinstance(cfg.trackers, str):  # Accelerate's log_with takes one name too ("tensorboard", "all")
+        cfg.trackers = [cfg.trackers]
+    if cfg.trackers and "all" not in cfg.trackers:
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
-        if tracker not in known:
-            raise ConfigError(f"trackers: {tracker!r} is not a tracker Accelerate knows ({', '.join(known)})")
-        if importlib.util.find_spec(tracker) is None:
-            warnings.warn(f"trackers: {tracker!r} is not installed here (pip install {tracker}); this run logs to "
-                          "OUT/metrics.jsonl only", stacklevel=2)
-        else:
-            installed.append(tracker)
-    cfg.trackers = installed
+        for tracker in cfg.trackers:
+            if str(tracker) not in LOGGER_TYPE_TO_CLASS:
+                raise ConfigError(f"trackers: {tracker!r} is not a tracker Accelerate knows "
+                                  f"({', '.join(sorted(LOGGER_TYPE_TO_CLASS))}, or all)")
+        missing = [t for t in cfg.trackers if t not in usable_trackers(cfg.trackers)]
+        if missing:
+            import warnings
+
+            warnings.warn(f"trackers: {', '.join(map(repr, missing))} not installed here (pip install "
+                          f"{' '.join(missing)}); this run logs to OUT/metrics.jsonl{' only' if len(missing) == len(cfg.trackers) else ' and the rest'}",
+                          stacklevel=2)
     if cfg.best_metric is not None:
         base = cfg.best_metric.split("/")[0]
         if base not in EVAL_METRICS or (base != cfg.best_metric and base not in ("caption_exact_match", "vqa_accuracy")):

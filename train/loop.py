@@ -16,7 +16,7 @@ from torch.utils.data import ConcatDataset, DataLoader, IterableDataset
 
 from train.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from train.collate import MODEL_KEYS, Collator
-from train.config import ConfigError, TrainConfig, to_dict
+from train.config import ConfigError, TrainConfig, to_dict, usable_trackers
 from train.data.bad import BadDataCounter, DataError
 from train.parts import FeatureCache, apply_freezing_and_lora, export_model, lr_lambda, param_groups
 
@@ -96,10 +96,13 @@ def build_model_for(cfg: TrainConfig, train_set):
         try:
             model = MMGPTModel.from_pretrained(cfg.model.path, attn_implementation=cfg.model.attn_implementation)
             processor = MMGPTProcessor.from_pretrained(cfg.model.path)
-        except (OSError, ValueError) as err:  # no folder, no weights in it, not an mmgpt model
+        except OSError as err:  # no folder, no weights in it
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"model.path {cfg.model.path!r}: not a model folder mmgpt can load ({first}); give "
                               "the model folder of an earlier run (OUT/model)") from None
+        except ValueError as err:  # e.g. a config of another model type
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"model.path {cfg.model.path!r}: {first}") from None
         differ = _differences(cfg.model.overrides, model.config.to_dict())
         if differ:  # the saved model's own config decides its shape: say which overrides are not applied
             warnings.warn(f"model.overrides: {', '.join(differ)} not applied: the model in model.path "
@@ -173,7 +176,7 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
         accelerator = Accelerator(
             mixed_precision=_precision(cfg),
             gradient_accumulation_steps=cfg.grad_accum,
-            log_with=cfg.trackers or None,
+            log_with=usable_trackers(cfg.trackers) or None,  # one not installed: warned at the config check
             project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
             # dispatch_batches=False: every process reads a streamed source itself and Accelerate keeps
             # its share of each batch (dispatching read every batch on process 0 and sent it out)

@@ -43,6 +43,8 @@ def run(args) -> int:
                         "install them with: pip install 'mmgpt[serve]'") from None
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be between 0 and 65535, got {args.port}")
+    if not args.max_upload_mb > 0:
+        raise UserError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
     try:
         config = ServeConfig(
             max_batch_size=args.max_batch_size,
@@ -54,7 +56,7 @@ def run(args) -> int:
     except ValueError as err:  # name the flag, not the field: "timeout_s must be > 0" -> "--timeout ..."
         msg = str(err)
         for field, flag in (("max_batch_size", "--max-batch-size"), ("max_wait_ms", "--max-wait-ms"),
-                            ("max_upload_bytes", "--max-upload-mb"), ("max_pixels", "--max-pixels"),
+                            ("max_pixels", "--max-pixels"),
                             ("timeout_s", "--timeout")):
             msg = msg.replace(field, flag)
         raise UserError(msg) from None
