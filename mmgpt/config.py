@@ -31,6 +31,9 @@ class MMGPTConfig(PreTrainedConfig):
     """
 
     model_type = "mmgpt"
+    # What transformers' Trainer leaves out of predictions: the loss parts and embeddings (logits stay)
+    keys_to_ignore_at_inference = ["lm_loss", "itc_loss", "bow_loss", "image_embeds", "text_embeds", "logit_scale",
+                                   "cache"]
 
     vision: dict | None = None
     text: dict | None = None

@@ -7,6 +7,7 @@ Fusion `cross_attention`: a GPT-2 decoder whose blocks cross-attend to the adapt
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -89,14 +90,29 @@ def _fuse_tanh_gelu(decoder) -> None:
             block.mlp.act = nn.GELU(approximate="tanh")
 
 
+_SAVE_TAKES_FORMAT = "save_original_format" in inspect.signature(PreTrainedModel.save_pretrained).parameters
+
+
 class MMGPTPreTrainedModel(PreTrainedModel):
     config_class = MMGPTConfig
     base_model_prefix = "mmgpt"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
+    # The loss (LM + contrastive) is a mean per micro-batch: transformers' Trainer must scale it for
+    # gradient accumulation itself (with **kwargs in forward it assumed num_items_in_batch was used).
+    accepts_loss_kwargs = False
     _supports_sdpa = True
     _supports_flash_attn = False
     _no_split_modules = ["GPT2Block", "ViTLayer"]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As PreTrainedModel's, with the weights under the names the modules use
+        (`save_original_format=False`): transformers' Trainer resumes a checkpoint with a plain
+        `load_state_dict`, which skips the renaming of ViT's older key names, so the encoder kept
+        fresh weights on resume. `from_pretrained` reads both layouts."""
+        if _SAVE_TAKES_FORMAT:
+            kwargs.setdefault("save_original_format", False)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module):
         # Parts come initialised by their own classes (ViT, GPT-2); only our own layers need this.
