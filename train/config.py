@@ -300,9 +300,9 @@ def _check_values(cfg: TrainConfig) -> None:
         if missing:
             import warnings
 
+            rest = "only" if len(missing) == len(cfg.trackers) else "and the other trackers"
             warnings.warn(f"trackers: {', '.join(map(repr, missing))} not installed here (pip install "
-                          f"{' '.join(missing)}); this run logs to OUT/metrics.jsonl{' only' if len(missing) == len(cfg.trackers) else ' and the rest'}",
-                          stacklevel=2)
+                          f"{' '.join(missing)}); this run logs to OUT/metrics.jsonl {rest}", stacklevel=2)
     if cfg.best_metric is not None:
         base = cfg.best_metric.split("/")[0]
         if base not in EVAL_METRICS or (base != cfg.best_metric and base not in ("caption_exact_match", "vqa_accuracy")):

@@ -97,12 +97,10 @@ def build_model_for(cfg: TrainConfig, train_set):
             model = MMGPTModel.from_pretrained(cfg.model.path, attn_implementation=cfg.model.attn_implementation)
             processor = MMGPTProcessor.from_pretrained(cfg.model.path)
         except OSError as err:  # no folder, no weights in it
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"model.path {cfg.model.path!r}: not a model folder mmgpt can load ({first}); give "
+            raise ConfigError(f"model.path {cfg.model.path!r}: not a model folder mmgpt can load ({_first_line(err)}); give "
                               "the model folder of an earlier run (OUT/model)") from None
         except ValueError as err:  # e.g. a config of another model type
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"model.path {cfg.model.path!r}: {first}") from None
+            raise ConfigError(f"model.path {cfg.model.path!r}: {_first_line(err)}") from None
         differ = _differences(cfg.model.overrides, model.config.to_dict())
         if differ:  # the saved model's own config decides its shape: say which overrides are not applied
             warnings.warn(f"model.overrides: {', '.join(differ)} not applied: the model in model.path "
@@ -125,11 +123,17 @@ def build_model_for(cfg: TrainConfig, train_set):
     except ValueError as err:  # a model option the chosen parts cannot take (e.g. unimodal_layers)
         raise ConfigError(f"model: {err}") from None
     except OSError as err:  # transformers' "couldn't connect to the hub" / "not a folder or model id"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = _first_line(err)
         raise ConfigError(
             f"model.preset {cfg.model.preset!r}: could not load its pretrained parts ({first}); without a "
             "reachable hub give local folders: model.overrides.vision_pretrained=DIR "
             "model.overrides.text_pretrained=DIR") from None
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an error's message (transformers' run to many), or its type when it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _lora_shape(cfg: TrainConfig) -> dict:
@@ -265,8 +269,7 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
         except RuntimeError as err:
             if "Error(s) in loading state_dict" not in str(err):  # a corrupt file, memory: not a config matter
                 raise
-            first = str(err).strip().splitlines()[0]
-            raise ConfigError(f"resume: the checkpoint's weights do not fit this run's model ({first}); resume with "
+            raise ConfigError(f"resume: the checkpoint's weights do not fit this run's model ({_first_line(err)}); resume with "
                               "the model, lora.* and freeze.* settings it was trained with") from None
         if main:
             _set_aside_later_checkpoints(ckpt_dir, resume_from, saved["step"])

@@ -51,6 +51,11 @@ def lr_lambda(cfg: TrainConfig, clock=None):
     return f
 
 
+def _names_module(name: str, target: str) -> bool:
+    """peft's match of a LoRA target: the module's whole name or a dotted suffix of it ("attn.c_proj")."""
+    return name == target or name.endswith("." + target)
+
+
 def apply_freezing_and_lora(model, cfg: TrainConfig):
     if cfg.freeze.vision:
         model.vision.freeze()
@@ -70,8 +75,7 @@ def apply_freezing_and_lora(model, cfg: TrainConfig):
         if targets == DefaultLora().target_modules:  # not set: the decoder type's own attention projections
             targets = list(model.config.lora_target_modules)
         names = [n for n, _ in model.decoder.named_modules()]
-        # peft matches a module by its name or a dotted suffix of it ("c_attn", "attn.c_proj")
-        unknown = [] if pattern else [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        unknown = [] if pattern else [t for t in targets if not any(_names_module(n, t) for n in names)]
         if unknown:
             from train.config import ConfigError
 
@@ -81,7 +85,7 @@ def apply_freezing_and_lora(model, cfg: TrainConfig):
                               f"{model.decoder.config.model_type} decoder; its linear layers are {linears}")
         # GPT-2's Conv1D stores its weight as (in, out): peft must transpose it (fan_in_fan_out).
         conv = any(isinstance(m, Conv1D) for n, m in model.decoder.named_modules()
-                   if pattern or any(n == t or n.endswith("." + t) for t in targets))
+                   if pattern or any(_names_module(n, t) for t in targets))
         lcfg = LoraConfig(
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
             target_modules=targets, fan_in_fan_out=conv,

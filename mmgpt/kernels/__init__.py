@@ -45,14 +45,18 @@ def _cache_dir() -> Path:
 
 
 def _why_not() -> str | None:
+    """Why the kernel cannot run here, or None. Called on every generate(): the machine is looked at
+    once, the MMGPT_KERNELS switch each time."""
     if os.environ.get("MMGPT_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
         return "MMGPT_KERNELS=0"
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return f"{platform.system()} {platform.machine()}: the kernel is written for x86-64 Linux"
-    cap = torch.backends.cpu.get_cpu_capability()
-    if cap not in ("AVX2", "AVX512"):
-        return f"this CPU's vector capability is {cap}; the kernel needs AVX2 and FMA"
-    return None
+    if "machine" not in _state:
+        why = None
+        if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+            why = f"{platform.system()} {platform.machine()}: the kernel is written for x86-64 Linux"
+        elif (cap := torch.backends.cpu.get_cpu_capability()) not in ("AVX2", "AVX512"):
+            why = f"this CPU's vector capability is {cap}; the kernel needs AVX2 and FMA"
+        _state["machine"] = why
+    return _state["machine"]
 
 
 def _compiler() -> str | None:
