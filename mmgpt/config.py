@@ -53,6 +53,11 @@ class MMGPTConfig(PreTrainedConfig):
     # prediction per vocabulary token of whether its caption holds it (binary cross-entropy summed over
     # the vocabulary). A direct signal into every image token from step one; 0 = off (no `bow_head`)
     bow_weight: float = 0.0
+    # images one conversation may hold: cross-attention adds a learned code per image slot to its tokens so
+    # the decoder tells "the first" from "the second" (1 = the one-image models before conversations: no code)
+    max_images: int = 1
+    # prefix fusion: the token that marks where an image's tokens go (a conversation's `<image>`), or None
+    image_token_id: int | None = None
     vision_pretrained: str | None = None
     text_pretrained: str | None = None
     tokenizer: dict | None = None
@@ -78,6 +83,8 @@ class MMGPTConfig(PreTrainedConfig):
                 f"unimodal_layers={self.unimodal_layers}: the CoCa split needs cross-attention; with fusion='prefix' "
                 "the text embedding comes from an image-free decoder pass, so unimodal_layers must be 0"
             )
+        if not isinstance(self.max_images, int) or isinstance(self.max_images, bool) or not 1 <= self.max_images <= 64:
+            raise ValueError(f"max_images={self.max_images!r} must be an image count in [1, 64]")
         n_layer = self.text.get("num_hidden_layers", self.text.get("n_layer"))
         if n_layer is None:  # the decoder class's default
             n_layer = self.text_config.num_hidden_layers

@@ -57,26 +57,46 @@ def _scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
     return d + (x - d).nan_to_num(0.0) * scale
 
 
-def _block_with_shared_memory(block, h, mask, memory, memory_index, position_ids) -> torch.Tensor:
-    """GPT-2 block (self-attention, cross-attention, MLP) for rows that share images: row b attends to
-    ``memory[memory_index[b]]``. The cross-attention keys and values are projected once per image and
-    then picked per row, where the block itself would project ``memory[memory_index]``, once per row
-    (4x the work with a caption and 3 questions per image). Same math as ``block(h, ..., memory[idx])``;
-    training path only (no cache)."""
+def _additive_memory_mask(memory_mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    """(B, Kmem) with 1 = an image token, 0 = padding of a row with fewer images -> (B, 1, 1, Kmem) additive."""
+    if memory_mask is None:
+        return None
+    out = torch.zeros(memory_mask.shape, dtype=dtype, device=memory_mask.device)
+    out.masked_fill_(~memory_mask.bool(), torch.finfo(dtype).min)
+    return out[:, None, None, :]
+
+
+def _block_with_shared_memory(block, h, mask, memory, slots, position_ids, code=None) -> torch.Tensor:
+    """GPT-2 block (self-attention, cross-attention, MLP) for rows that share images: row b attends to the
+    images ``memory[slots[b, j]]`` (j = 0 .. M-1; -1 = no image in that slot), each plus its slot's code
+    ``code[j]`` when given. The cross-attention keys and values are projected once per image and then
+    picked per row, where the block itself would project the row's memory once per row (4x the work with
+    a caption and 3 questions per image). The code enters the projection linearly, so its keys / values
+    are added after the pick. Same math as ``block(h, ..., row_memory, memory_mask)``; training path only."""
     residual = h
     attn, _ = block.attn(block.ln_1(h), cache=None, attention_mask=mask, use_cache=False, position_ids=position_ids)
     h = attn + residual
     ca = block.crossattention
     b, t, d = h.shape
     n_img, k = memory.shape[:2]
+    m = slots.shape[1]
     heads, hd = ca.num_heads, ca.head_dim
     q = ca.q_attn(block.ln_cross_attn(h)).view(b, t, heads, hd).transpose(1, 2)  # (B, H, T, hd)
     key, value = ca.c_attn(memory).split(ca.split_size, dim=2)  # (B_img, K, D) each
-    # index_select, not key[memory_index]: its backward (index_add_) is ~5x faster on CPU than index_put_
-    key = key.view(n_img, k, heads, hd).transpose(1, 2).index_select(0, memory_index)  # (B, H, K, hd)
-    value = value.view(n_img, k, heads, hd).transpose(1, 2).index_select(0, memory_index)
-    out = F.scaled_dot_product_attention(q, key, value, dropout_p=ca.attn_dropout.p if ca.training else 0.0,
-                                         scale=ca.scaling)
+    pick = slots.clamp(min=0).reshape(-1)  # (B*M,)
+    # index_select, not key[pick]: its backward (index_add_) is ~5x faster on CPU than index_put_
+    key = key.index_select(0, pick).view(b, m, k, d)  # (B, M, K, D)
+    value = value.index_select(0, pick).view(b, m, k, d)
+    if code is not None:  # (M, D) codes -> their keys / values (no bias: it is in the image's part already)
+        ck, cv = (code[:m] @ ca.c_attn.weight).split(ca.split_size, dim=1)  # (M, D) each
+        key, value = key + ck[None, :, None, :], value + cv[None, :, None, :]
+    key = key.view(b, m * k, heads, hd).transpose(1, 2)  # (B, H, M*K, hd)
+    value = value.view(b, m * k, heads, hd).transpose(1, 2)
+    cross_mask = None
+    if bool((slots < 0).any()):
+        cross_mask = _additive_memory_mask((slots >= 0).repeat_interleave(k, dim=1), q.dtype)  # (B, 1, 1, M*K)
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=cross_mask,
+                                         dropout_p=ca.attn_dropout.p if ca.training else 0.0, scale=ca.scaling)
     out = ca.resid_dropout(ca.c_proj(out.transpose(1, 2).reshape(b, t, d)))
     h = h + out
     return h + block.mlp(block.ln_2(h))
@@ -169,6 +189,9 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         # The CoCa split reads the text embedding mid-decoder, before ln_f: give it its own norm.
         self.text_norm = nn.LayerNorm(dt) if self.k > 0 else None
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+        # cross-attention: one learned code per image slot of a conversation, added to that image's tokens
+        self.image_code = (nn.Parameter(torch.randn(config.max_images, dt) * 0.02)
+                           if config.max_images > 1 and not self.uses_prefix else None)
         # bag-of-words head (training aid): mean image token -> which vocabulary tokens the caption holds
         self.bow_head = nn.Linear(dt, tcfg.vocab_size) if config.bow_weight > 0 else None
         self.post_init()
@@ -203,6 +226,32 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
 
     def image_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(pooled), dim=-1)  # (B, E)
+
+    def compose_memory(self, tokens: torch.Tensor, slots: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What each text row reads of the images: tokens (B_img, K, Dt) of the adapter, slots (B, M) the
+        images of each row in order (-1 = none; a row's images come first). None: image b for row b.
+
+        -> memory (B, M*K, Dt), each image's tokens plus its slot's code (cross-attention), and a mask
+        (B, M*K) of real image tokens, or None when every row has all M images."""
+        if slots is None:
+            slots = torch.arange(tokens.shape[0], device=tokens.device)[:, None]  # (B, 1)
+        b, m = slots.shape
+        n_img, k, d = tokens.shape
+        if m > self.config.max_images and not self.uses_prefix:
+            raise ValueError(f"{m} images in one conversation, and this model reads at most "
+                             f"{self.config.max_images} (config.max_images)")
+        mem = tokens.index_select(0, slots.clamp(min=0).reshape(-1)).view(b, m, k, d)  # (B, M, K, Dt)
+        if self.image_code is not None:
+            mem = mem + self.image_code[:m].view(1, m, 1, d).to(mem.dtype)
+        valid = slots >= 0  # (B, M)
+        mask = None if bool(valid.all()) else valid.repeat_interleave(k, dim=1)  # (B, M*K)
+        return mem.reshape(b, m * k, d), mask
+
+    def memory_from_pixels(self, pixel_values: torch.Tensor, slots: torch.Tensor | None = None, fast: bool = True
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images -> (memory (B, M*K, Dt), mask or None): what `generate` reads (see `compose_memory`)."""
+        return self.compose_memory(self.encode_image(pixel_values, fast=fast).tokens, slots)
 
     # --- text side -------------------------------------------------------------------------------
 
@@ -245,10 +294,12 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         use_cache: bool = False,
         stop_after: int | None = None,
         tap_layer: int | None = None,
-        memory_index: torch.Tensor | None = None,
+        memory_slots: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, Cache | None]:
-        """Run GPT-2 blocks; layers >= k cross-attend to `memory` (B, K, Dt) when given, or with
-        `memory_index` (B,) to `memory[memory_index]` for a memory of (B_img, K, Dt), one per image.
+        """Run GPT-2 blocks; layers >= k cross-attend to `memory` (B, Kmem, Dt) when given (`memory_mask`
+        (B, Kmem): 1 = an image token, 0 = padding), or with `memory_slots` (B, M) to the images
+        `memory[memory_slots[b]]` of a memory of (B_img, K, Dt), one per image (`compose_memory`).
 
         Returns (hidden after ln_f, or after `stop_after` layers without ln_f; the hidden state entering
         layer `tap_layer` if asked; the cache).
@@ -267,17 +318,21 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         mask = self._self_attn_mask(attention_mask, past, q_len, h.dtype, h.device)
         tapped = None
         n_layers = len(tr.h) if stop_after is None else stop_after
-        shared = memory_index is not None and memory is not None
+        shared = memory_slots is not None and memory is not None
         if shared and (use_cache or any(getattr(b, "gradient_checkpointing", False) for b in tr.h)):
-            memory, shared = memory[memory_index], False  # the blocks' own path: cache / checkpointing
+            # the blocks' own path (cache / checkpointing): each row's memory made out
+            memory, memory_mask = self.compose_memory(memory, memory_slots)
+            shared = False
+        cross_mask = _additive_memory_mask(memory_mask, h.dtype) if memory is not None else None
         for i, block in enumerate(tr.h[:n_layers]):
             if i == tap_layer:
                 tapped = h
             if shared and i >= self.k:
-                h = _block_with_shared_memory(block, h, mask, memory, memory_index, position_ids)
+                h = _block_with_shared_memory(block, h, mask, memory, memory_slots, position_ids, self.image_code)
                 continue
             mem = memory if i >= self.k else None
-            h = block(h, cache, mask, mem, encoder_attention_mask=None, use_cache=use_cache, position_ids=position_ids)
+            h = block(h, cache, mask, mem, encoder_attention_mask=cross_mask if mem is not None else None,
+                      use_cache=use_cache, position_ids=position_ids)
         if tap_layer is not None and tap_layer == n_layers:
             tapped = h
         if stop_after is None:
@@ -342,6 +397,9 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         compute_itc: bool | None = None,
         return_logits: bool | None = None,
+        image_slots: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+        inline_images: bool = False,
         **kwargs,
     ) -> MMGPTOutput:
         """
@@ -357,8 +415,13 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             changed), tokenized like captions; itc_negative_owner: (N,) which ITC pair each contradicts
             (0 = the first row of itc_mask). They are extra wrong answers in that image's
             image-to-text softmax (`mmgpt.losses.contrastive_loss`).
-        encoder_hidden_states: (B, K, Dt) precomputed adapter output (generation passes it); with prefix
-            fusion these are the image tokens put in front of the text (logits stay (B, T, V), text only).
+        encoder_hidden_states: (B, Kmem, Dt) precomputed memory (`compose_memory`; generation passes it), with
+            `memory_mask` (B, Kmem) when rows hold different numbers of images; with prefix fusion these are
+            the image tokens put in front of the text (logits stay (B, T, V), text only), or with
+            `inline_images` put where the text's image placeholders (`config.image_token_id`) stand.
+        image_slots: (B, M) the images of each row, in order (a conversation's; -1 = none, a row's images
+            first), indices into pixel_values. Cross-attention reads them all, each with its slot's code;
+            prefix fusion puts each image's K tokens at the row's K placeholder tokens, in order.
         position_ids: (B, T) text positions (prefix fusion shifts them by K); default: from attention_mask.
         vision_outputs: precomputed `EncoderOutput` (patch_tokens, pooled) of a frozen encoder, used in
             place of pixel_values (the feature cache).
@@ -376,16 +439,27 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             has_image = pixel_values is not None or vision_outputs is not None
             compute_itc = labels is not None and cfg.itc_weight > 0 and has_image
         pooled = None
+        memory_slots = None  # cross-attention: memory stays one per image, the decoder picks each row's
         if encoder_hidden_states is None and (pixel_values is not None or vision_outputs is not None):
             feats = self.encode_image(pixel_values, vision_outputs)  # tokens (B_img, K, Dt)
             memory, pooled = feats.tokens, feats.pooled
-            if image_index is not None and self.uses_prefix:
+            if self.uses_prefix and image_slots is not None:
+                memory, memory_mask = self.compose_memory(memory, image_slots)  # (B, M*K, Dt)
+                inline_images = True
+            elif self.uses_prefix and image_index is not None:
                 memory = memory[image_index]  # (B, K, Dt)
+            elif not self.uses_prefix:
+                memory_slots = image_slots if image_slots is not None else (
+                    image_index[:, None] if image_index is not None else None)  # (B, M)
+                if memory_slots is None and self.image_code is not None:
+                    memory_slots = torch.arange(memory.shape[0], device=memory.device)[:, None]
         else:
             memory = encoder_hidden_states
-        # cross-attention: memory stays one per image, the decoder picks each row's (keys/values once per image)
-        memory_index = image_index if (image_index is not None and not self.uses_prefix
-                                       and encoder_hidden_states is None) else None
+        inputs_embeds = None
+        if self.uses_prefix and inline_images:
+            # the image tokens go where the placeholders stand (later generation steps have none: text only)
+            inputs_embeds = prefix.inline_embeds(self, input_ids, memory, memory_mask)  # (B, T, D)
+            memory = None
 
         tapped = None
         lm_loss = itc_loss = bow_loss = image_embeds = text_embeds = None
@@ -394,17 +468,18 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         if self.uses_prefix and not return_logits and labels is not None and not use_cache and cache is None \
                 and prefix.plain_head(self):
             # Training: the base model's hidden states, the LM head on target rows only (as below).
-            hidden = prefix.decoder_hidden(self, input_ids, attention_mask, memory, position_ids)  # (B, T, D)
+            hidden = prefix.decoder_hidden(self, input_ids, attention_mask, memory, position_ids,
+                                           inputs_embeds=inputs_embeds)  # (B, T, D)
             logits, lm_loss = None, self._target_rows_loss(hidden, labels)
         elif self.uses_prefix:
             logits, cache = prefix.decoder_logits(
-                self, input_ids, attention_mask, memory, position_ids, cache, bool(use_cache)
+                self, input_ids, attention_mask, memory, position_ids, cache, bool(use_cache), inputs_embeds
             )  # (B, T, V): the text positions only, so labels align with input_ids as in cross-attention
         else:
             tap = self.k if (compute_itc and self.k > 0) else None
             hidden, tapped, cache = self.run_decoder(
                 input_ids, attention_mask, memory, position_ids, cache, bool(use_cache), tap_layer=tap,
-                memory_index=memory_index,
+                memory_slots=memory_slots, memory_mask=memory_mask,
             )
             logits = None
             if return_logits or labels is None:
@@ -431,7 +506,10 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             if self.k > 0:
                 text_hidden = tapped[rows]  # (b, T, Dt): the unimodal layers' output, same pass
             elif bool(rows.any()):
-                text_hidden = self._image_free_hidden(input_ids[rows], am)  # (b, T, Dt), image-free pass
+                ids_r = input_ids[rows]
+                if inputs_embeds is not None:  # inline images: the caption's text alone
+                    ids_r, am = prefix.drop_placeholders(self, ids_r, am)
+                text_hidden = self._image_free_hidden(ids_r, am)  # (b, T, Dt), image-free pass
             else:  # no caption row in this batch (e.g. all questions): an empty pass kept in the graph
                 text_hidden = self._image_free_hidden(input_ids[:1], attention_mask[:1] if am is not None else None)[:0]
             text_embeds = self._text_embedding(_scale_grad(text_hidden, cfg.itc_text_grad_scale), am)  # (b, E)
@@ -566,10 +644,12 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         enter the KV cache on the first step; without a cache they go in front again at every step).
         Returns prompt + new tokens, as transformers' generate does for decoder-only models.
         """
+        memory_mask = kwargs.pop("memory_mask", None)
+        image_slots = kwargs.pop("image_slots", None)
         if encoder_hidden_states is None:
             if pixel_values is None:
                 raise ValueError("generate() needs pixel_values or encoder_hidden_states")
-            encoder_hidden_states = self.encode_image(pixel_values, fast=True).tokens  # (B, K, Dt)
+            encoder_hidden_states, memory_mask = self.memory_from_pixels(pixel_values, image_slots)  # (B, Kmem, Dt)
         b = encoder_hidden_states.shape[0]
         if input_ids is None:
             bos = kwargs.get("bos_token_id", self.generation_config.bos_token_id)
@@ -581,10 +661,14 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
                 raise ValueError(f"{b} images for {input_ids.shape[0]} prompts: give one image per prompt, or one "
                                  "image for all of them")
             encoder_hidden_states = encoder_hidden_states.expand(input_ids.shape[0], -1, -1).contiguous()
+            if memory_mask is not None:
+                memory_mask = memory_mask.expand(input_ids.shape[0], -1).contiguous()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        self._fit_positions(attention_mask, encoder_hidden_states.shape[1], kwargs)
-        if self._can_use_fast_path(kwargs):
+        inline = (self.uses_prefix and self.config.image_token_id is not None
+                  and bool((input_ids == self.config.image_token_id).any()))
+        self._fit_positions(attention_mask, 0 if inline else encoder_hidden_states.shape[1], kwargs)
+        if memory_mask is None and not inline and kwargs.get("cache") is None and self._can_use_fast_path(kwargs):
             from mmgpt.fastgen import greedy_generate
 
             gc = self.generation_config
@@ -595,6 +679,10 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
                 eos_token_id=eos, pad_token_id=eos if pad is None else pad,
                 min_new_tokens=int(kwargs.get("min_new_tokens") or 0),
             )
+        if memory_mask is not None:
+            kwargs["memory_mask"] = memory_mask
+        if inline:
+            kwargs["inline_images"] = True
         kwargs.pop("fast", None)
         return super().generate(
             input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states, **kwargs

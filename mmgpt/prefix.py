@@ -27,6 +27,7 @@ def decoder_logits(
     position_ids: torch.Tensor | None = None,
     cache: Cache | None = None,
     use_cache: bool = False,
+    inputs_embeds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Cache | None]:
     """Logits at the text positions only, (B, T, V), and the cache.
 
@@ -37,7 +38,8 @@ def decoder_logits(
     position_ids: text positions (0 = first real token), shifted by K here; by default they come from the
     full mask, so `[img][pad][prompt]` places the prompt exactly where `[img][prompt]` does.
     """
-    x, mask, position_ids, t = _inputs(model, input_ids, attention_mask, image_tokens, position_ids, cache)
+    x, mask, position_ids, t = _inputs(model, input_ids, attention_mask, image_tokens, position_ids, cache,
+                                       inputs_embeds)
     out = model.decoder(
         inputs_embeds=x,
         attention_mask=mask,
@@ -59,20 +61,22 @@ def plain_head(model) -> bool:
     return model.decoder.config.model_type in PLAIN_HEAD_TYPES
 
 
-def decoder_hidden(model, input_ids, attention_mask, image_tokens, position_ids=None) -> torch.Tensor:
+def decoder_hidden(model, input_ids, attention_mask, image_tokens, position_ids=None, inputs_embeds=None
+                   ) -> torch.Tensor:
     """The decoder's base model over `[image tokens][text]` without the LM head: (B, T, D) hidden states
     at the text positions (after the final norm), for a loss that runs the head on target rows only."""
-    x, mask, position_ids, t = _inputs(model, input_ids, attention_mask, image_tokens, position_ids, None)
+    x, mask, position_ids, t = _inputs(model, input_ids, attention_mask, image_tokens, position_ids, None,
+                                       inputs_embeds)
     out = model.decoder.base_model(inputs_embeds=x, attention_mask=mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state[:, -t:]
 
 
-def _inputs(model, input_ids, attention_mask, image_tokens, position_ids, cache):
+def _inputs(model, input_ids, attention_mask, image_tokens, position_ids, cache, inputs_embeds=None):
     """Embeddings with the image tokens in front (empty cache), the mask with K ones in front, and the
     position ids: (x (B, q, D), mask (B, K + T_text), position_ids (B, q), T)."""
     decoder = model.decoder
     b, t = input_ids.shape
-    x = decoder.get_input_embeddings()(input_ids)  # (B, T, D)
+    x = decoder.get_input_embeddings()(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
     past = cache.get_seq_length() if cache is not None else 0
     k = image_tokens.shape[1] if image_tokens is not None else 0
     prepend = image_tokens is not None and past == 0
@@ -100,3 +104,41 @@ def text_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     return model.decoder.base_model(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False
     ).last_hidden_state
+
+
+def inline_embeds(model, input_ids: torch.Tensor, memory: torch.Tensor | None,
+                  memory_mask: torch.Tensor | None) -> torch.Tensor:
+    """Token embeddings (B, T, D) with the image tokens where the placeholders stand (LLaVA's interleaving):
+    row b's placeholders take its images' tokens in order, `memory[b][memory_mask[b]]` (B, M*K, D) from
+    `compose_memory`. A sequence without placeholders (a later generation step) is text only."""
+    emb = model.decoder.get_input_embeddings()
+    ph_id = model.config.image_token_id
+    if ph_id is None:
+        raise ValueError("this prefix model has no image placeholder token (config.image_token_id): it reads one "
+                         "image in front of the text; conversations with images need a model built with one")
+    ph = input_ids == ph_id  # (B, T)
+    x = emb(input_ids)  # (B, T, D)
+    n_ph = int(ph.sum())
+    if memory is None or n_ph == 0:
+        if n_ph:
+            raise ValueError(f"the text holds {n_ph} image placeholder tokens and no images were given")
+        return x
+    tokens = memory[memory_mask.bool()] if memory_mask is not None else memory.reshape(-1, memory.shape[-1])
+    if tokens.shape[0] != n_ph:  # (N, D): every row's image tokens, row by row
+        raise ValueError(f"the text holds {n_ph} image placeholder tokens for {tokens.shape[0]} image tokens: "
+                         "each image needs exactly one <image> placeholder in its user turn")
+    return x.masked_scatter(ph.unsqueeze(-1), tokens.to(x.dtype))
+
+
+def drop_placeholders(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """The text of rows with inline image placeholders, without them (right padding): for the image-free
+    pass of the contrastive loss. -> (input_ids, attention_mask), both (B, T)."""
+    keep = input_ids != model.config.image_token_id  # (B, T)
+    if attention_mask is not None:
+        keep &= attention_mask.bool()
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # kept tokens first, in order
+    ids = torch.gather(input_ids, 1, order)
+    mask = torch.gather(keep, 1, order).long()
+    pad = model.config.text_config.pad_token_id
+    ids = ids.masked_fill(mask == 0, pad if pad is not None else 0)
+    return ids, mask
