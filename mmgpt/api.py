@@ -16,6 +16,7 @@ Images may be paths, raw bytes, binary files or PIL images; one that cannot be r
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import threading
@@ -34,6 +35,7 @@ from mmgpt.processor import PROCESSOR_FILE, MMGPTProcessor
 GENERATION_DEFAULTS = {"max_new_tokens": 32, "num_beams": 1}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 TOKENIZER_FILE = "tokenizer.json"  # what MMGPTProcessor.from_pretrained reads (a fast tokenizer)
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # its special tokens (end of text, padding)
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "owner/name"
 
 __all__ = [
@@ -85,8 +87,13 @@ def check_generation_options(gen: dict, batch_size: Any = 1) -> None:
 
 
 def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+    """The first line of an error's message; a first line that only announces what follows (ends with ':',
+    as huggingface_hub's "Validation error for field 'n_positions':") gets the next line too."""
+    text = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not text:
+        return type(err).__name__
+    head = f"{text[0]} {text[1]}" if text[0].endswith(":") and len(text) > 1 else text[0]
+    return f"{type(err).__name__}: {head}"
 
 
 def resolve_model_folder(path: str | os.PathLike) -> Path:
@@ -109,29 +116,119 @@ def resolve_model_folder(path: str | os.PathLike) -> Path:
         ) from None
 
 
+def _json_object(path: Path, name: str, fix: str) -> dict:
+    """A JSON file that must hold an object; ModelLoadError naming the file otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{name}: {path.name} is unreadable ({_one_line(err)}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{name}: {path.name} holds a JSON {type(data).__name__}, not an object of "
+                             f"settings; {fix}")
+    return data
+
+
+def _check_processor_settings(settings: dict, name: str) -> None:
+    """The image and text settings the processor is built from, checked at load (a bad image_size would
+    otherwise fail at the first image, deep inside the resize)."""
+    where = f"{name}: {PROCESSOR_FILE}:"
+
+    def count(key: str) -> None:
+        value = settings.get(key)
+        if key in settings and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ModelLoadError(f"{where} {key} must be a whole number >= 1, got {value!r}")
+
+    count("image_size")
+    count("max_length")
+    for key in ("image_mean", "image_std"):
+        value = settings.get(key)
+        if key not in settings:
+            continue
+        ok = isinstance(value, list) and len(value) == 3 and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        if not ok or (key == "image_std" and min(value) <= 0):
+            need = "3 numbers > 0" if key == "image_std" else "3 finite numbers"
+            raise ModelLoadError(f"{where} {key} must be {need} (one per colour channel), got {value!r}")
+    templates = settings.get("templates")
+    if templates is not None and not (isinstance(templates, dict) and all(isinstance(v, str) for v in templates.values())):
+        raise ModelLoadError(f"{where} templates must map task names to prompt texts, got {templates!r}")
+
+
 def check_model_folder(folder: Path, name: str) -> None:
-    """Raise ModelLoadError naming what a model folder lacks, before transformers sees it."""
+    """Raise ModelLoadError naming what a model folder lacks or holds wrong, before transformers sees it:
+    config.json (an mmgpt config), weights, and the processor's three files with settings it can use."""
     config = folder / "config.json"
     if not config.is_file():
         raise ModelLoadError(f"{name}: not an mmgpt model folder (no config.json)")
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"{name}: config.json is unreadable ({_one_line(err)})") from None
+    model_type = _json_object(config, name, "save the model again with model.save_pretrained").get("model_type")
     if model_type != "mmgpt":
         raise ModelLoadError(f"{name}: config.json is for model type {model_type!r}, not an mmgpt model")
     if not any((folder / f).is_file() for f in WEIGHT_FILES):
         raise ModelLoadError(f"{name}: no weights (expected {WEIGHT_FILES[0]})")
-    for fname in (PROCESSOR_FILE, TOKENIZER_FILE):  # both written by processor.save_pretrained
-        path = folder / fname
-        if not path.is_file():
+    fix = "save the processor again with processor.save_pretrained"
+    for fname in (PROCESSOR_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):  # all written by processor.save_pretrained
+        if not (folder / fname).is_file():
             raise ModelLoadError(f"{name}: no {fname} (save the processor into the folder with "
                                  f"processor.save_pretrained)")
-        try:
-            json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise ModelLoadError(f"{name}: {fname} is unreadable ({_one_line(err)}); save the processor "
-                                 f"again with processor.save_pretrained") from None
+        settings = _json_object(folder / fname, name, fix)
+        if fname == PROCESSOR_FILE:
+            _check_processor_settings(settings, name)
+
+
+def _saved_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, read from the safetensors headers (no tensor data); {} for other formats."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    shapes = {}
+    for fname in files:
+        if (folder / fname).is_file():
+            with safe_open(folder / fname, framework="pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})  # noqa: SIM118 - not a dict
+    return shapes
+
+
+def _shape_mismatches(folder: Path) -> list[str]:
+    """`name (saved S, config.json makes C)` for each saved tensor whose shape the config does not give;
+    the model is built on the meta device (no memory), so a config that asks for a huge tensor is harmless."""
+    from mmgpt.config import MMGPTConfig
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in MMGPTModel(MMGPTConfig.from_pretrained(folder)).state_dict().items()}
+    return [f"{k} (saved {list(shape)}, config.json makes {list(expected[k])})"
+            for k, shape in _saved_shapes(folder).items() if k in expected and expected[k] != shape]
+
+
+def _check_loaded(model: MMGPTModel, processor: MMGPTProcessor, info: dict, path) -> None:
+    """What transformers only warns about, or never looks at, as ModelLoadError: weights the config has
+    no place for (missing, unused, other shapes), weights that are not finite, a tokenizer the model cannot use."""
+    fix = "config.json does not describe the model these weights were saved from (was it edited?)"
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would warn and go on with random weights
+        raise ModelLoadError(f"{path}: the weights do not fit the config: {len(missing)} tensors missing, "
+                             f"e.g. {missing[0]}; {fix}")
+    unused = sorted(info.get("unexpected_keys") or [])
+    if unused:  # e.g. text.n_layer lowered: the saved layers past it would be dropped without a word
+        raise ModelLoadError(f"{path}: the weights do not fit the config: {len(unused)} saved tensors are not "
+                             f"used by it, e.g. {unused[0]}; {fix}")
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        raise ModelLoadError(f"{path}: the weights do not fit the config: {len(mismatched)} tensors have other "
+                             f"shapes, e.g. {mismatched[0][0]}; {fix}")
+    with torch.no_grad():
+        bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ModelLoadError(f"{path}: the weights are not finite: {len(bad)} tensors hold NaN or infinity, e.g. "
+                             f"{bad[0]} (the training run diverged, or the file is damaged); use an earlier checkpoint")
+    tok = processor.tokenizer
+    if tok.eos_token_id is None:
+        raise ModelLoadError(f"{path}: the tokenizer has no end-of-text token ({TOKENIZER_CONFIG_FILE} names "
+                             "none); save the processor again with processor.save_pretrained")
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tok) > vocab:
+        raise ModelLoadError(f"{path}: the tokenizer has {len(tok)} tokens but the model's embedding only {vocab}; "
+                             f"{TOKENIZER_FILE} belongs to another model")
 
 
 class VisionLanguagePipeline:
@@ -155,12 +252,17 @@ class VisionLanguagePipeline:
             model, info = MMGPTModel.from_pretrained(folder, output_loading_info=True)
             processor = MMGPTProcessor.from_pretrained(folder)
         except Exception as err:  # noqa: BLE001 - a broken folder is one readable line, not a traceback
+            if "ignore_mismatched_sizes" in str(err):  # transformers: "... look at the above report!"
+                try:
+                    shapes = _shape_mismatches(folder)
+                except Exception:  # noqa: BLE001 - the plain message below then
+                    shapes = []
+                if shapes:
+                    raise ModelLoadError(f"{path}: the weights do not fit config.json: {len(shapes)} tensors have "
+                                         f"other shapes, e.g. {shapes[0]}; config.json does not describe the model "
+                                         "these weights were saved from (was it edited?)") from None
             raise ModelLoadError(f"{path}: could not load the model ({_one_line(err)})") from None
-        missing = sorted(info.get("missing_keys") or [])
-        if missing:  # transformers would warn and go on with random weights
-            raise ModelLoadError(
-                f"{path}: the weights do not fit the config: {len(missing)} tensors missing, e.g. {missing[0]}"
-            )
+        _check_loaded(model, processor, info, path)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return cls(model, processor, device=device, dtype=dtype)
@@ -286,6 +388,36 @@ class VisionLanguagePipeline:
         if failure:
             raise failure[0]
 
+    # --- conversations ---------------------------------------------------------------------------
+
+    @property
+    def chats(self):
+        """The `mmgpt.chat.ChatEngine` of this model: kept conversation state, the last answer's counts."""
+        if getattr(self, "_chats", None) is None:
+            from mmgpt.chat import ChatEngine
+
+            self._chats = ChatEngine(self)
+        return self._chats
+
+    def chat(self, messages, images=None, **gen) -> str:
+        """Answer a conversation (mmgpt.conversation: roles system / user / assistant, text and image parts;
+        image parts carry their image or take ``images`` in order). A follow-up that repeats the earlier
+        turns reuses their work: no image is encoded again, no past token runs again.
+
+            >>> vl.chat([{"role": "user", "content": [{"type": "image", "image": "a.png"},
+            ...                                        {"type": "text", "text": "what color is the circle?"}]}])
+            'red'
+        """
+        return self.chats.chat(messages, images, **gen)
+
+    def stream_chat(self, messages, images=None, **gen) -> Iterator[str]:
+        """`chat`, in pieces as they are generated: "".join(pieces) == chat(messages)."""
+        return self.chats.stream(messages, images, **gen)
+
+    def chat_batch(self, conversations: Sequence, **gen) -> list[str]:
+        """Answers to several conversations in one batch (each its messages, or (messages, images))."""
+        return self.chats.batch(list(conversations), gen)
+
     # --- embeddings ------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -312,6 +444,33 @@ class VisionLanguagePipeline:
     def similarity(self, images, texts: str | Sequence[str]) -> torch.Tensor:
         """-> (N_img, N_txt) cosine similarities."""
         return self.embed_images(images) @ self.embed_texts(texts).T  # (N_img, E) @ (E, N_txt)
+
+    # CLIP's zero-shot recipe (Radford et al. 2021; open_clip's zero_shot_classifier): per label, the mean
+    # of its L2-normed text embeddings under every template, normed again; softmax of scale * cosine.
+    def classify(self, images, labels: Sequence[str], templates: Sequence[str] | None = None,
+                 batch_size: int = 64) -> list[dict] | list[list[dict]]:
+        """Zero-shot classification against ``labels``; ``templates`` are prompts with ``{}`` for the label
+        (default: the label alone), averaged. One image -> ``[{"label", "score"}, ...]`` best first (the
+        scores sum to 1); a list -> one such list per image (transformers' zero-shot-image-classification
+        output)."""
+        labels = [labels] if isinstance(labels, str) else list(labels)
+        templates = ["{}"] if templates is None else ([templates] if isinstance(templates, str) else list(templates))
+        if not labels:
+            raise ValueError("labels: give at least one label")
+        bad = [t for t in templates if "{}" not in t]
+        if not templates or bad:
+            raise ValueError(f"templates: {bad[0]!r} has no {{}} for the label" if bad else "templates is empty")
+        texts = [t.replace("{}", lab) for lab in labels for t in templates]
+        txt = self.embed_texts(texts).view(len(labels), len(templates), -1).mean(1)  # (L, T, E) -> (L, E)
+        txt = torch.nn.functional.normalize(txt, dim=-1)
+        single = is_single_image(images)
+        img = self.embed_images(images, batch_size=batch_size)  # (N, E)
+        with torch.no_grad():
+            scale = self.model.logit_scale.exp().clamp(max=self.model.config.logit_scale_max).float().cpu()
+        probs = (scale * img @ txt.T).softmax(dim=-1)  # (N, L)
+        ranked = [[{"label": labels[j], "score": float(row[j])} for j in torch.sort(row, descending=True, stable=True).indices]
+                  for row in probs]
+        return ranked[0] if single else ranked
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self.device}, dtype={self.dtype})"

@@ -6,7 +6,8 @@ from collections.abc import Iterable
 
 from mmgpt.config import MMGPTConfig
 from mmgpt.model import MMGPTModel
-from mmgpt.processor import MMGPTProcessor, train_bpe_tokenizer
+from mmgpt.prefix import num_image_tokens
+from mmgpt.processor import IMAGE_TOKEN, MMGPTProcessor, train_bpe_tokenizer
 
 
 def _mark_initialised(module) -> None:
@@ -83,6 +84,10 @@ def build_model(
                 module._is_hf_initialized = True
     if decoder is not None:
         tokenizer = AutoTokenizer.from_pretrained(config.text_pretrained)
+        if config.fusion == "prefix" and IMAGE_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+            if len(tokenizer) > decoder.get_input_embeddings().num_embeddings:
+                decoder.resize_token_embeddings(len(tokenizer))
         text = {k: v for k, v in decoder.config.to_dict().items() if k not in ("architectures", "transformers_version")}
     else:
         if texts is None:
@@ -92,6 +97,8 @@ def build_model(
             )
         tok_spec = config.tokenizer or {}
         tokenizer = train_bpe_tokenizer(texts, vocab_size=int(tok_spec.get("vocab_size", 1024)))
+        if config.fusion == "prefix":  # conversations: where each image's tokens go in the text
+            tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
         text["vocab_size"] = len(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -106,6 +113,8 @@ def build_model(
     cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"] = (
         text["bos_token_id"], text["eos_token_id"], text["pad_token_id"]
     )
+    if config.fusion == "prefix":
+        cfg["image_token_id"] = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = MMGPTConfig(**cfg)
     config._attn_implementation = attn_implementation
     model = MMGPTModel(config, vision=vision, decoder=decoder)
@@ -119,6 +128,9 @@ def build_model(
         image_mean=enc.image_mean,
         image_std=enc.image_std,
         max_length=_max_text_length(model),
+        chat_template=getattr(tokenizer, "chat_template", None) if decoder is not None else None,
+        image_token=IMAGE_TOKEN if model.uses_prefix else None,
+        num_image_tokens=num_image_tokens(model) if model.uses_prefix else 0,
     )
     return model, processor
 
@@ -127,8 +139,6 @@ def _max_text_length(model: MMGPTModel) -> int:
     """Tokens of text that fit the decoder's positions (after the image tokens, with prefix fusion)."""
     n = int(getattr(model.config.text_config, "max_position_embeddings", None) or 1024)
     if model.uses_prefix:
-        from mmgpt.prefix import num_image_tokens
-
         n -= num_image_tokens(model)
     if n < 8:
         raise ValueError(f"the decoder has no room for text: {n} positions left after the image tokens")

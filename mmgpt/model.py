@@ -78,7 +78,7 @@ def _block_with_shared_memory(block, h, mask, memory, slots, position_ids, code=
     h = attn + residual
     ca = block.crossattention
     b, t, d = h.shape
-    n_img, k = memory.shape[:2]
+    k = memory.shape[1]
     m = slots.shape[1]
     heads, hd = ca.num_heads, ca.head_dim
     q = ca.q_attn(block.ln_cross_attn(h)).view(b, t, heads, hd).transpose(1, 2)  # (B, H, T, hd)
@@ -237,7 +237,7 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         if slots is None:
             slots = torch.arange(tokens.shape[0], device=tokens.device)[:, None]  # (B, 1)
         b, m = slots.shape
-        n_img, k, d = tokens.shape
+        k, d = tokens.shape[1:]
         if m > self.config.max_images and not self.uses_prefix:
             raise ValueError(f"{m} images in one conversation, and this model reads at most "
                              f"{self.config.max_images} (config.max_images)")
@@ -604,8 +604,9 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
                 kwargs["min_new_tokens"] = room
 
     def _can_use_fast_path(self, kwargs: dict) -> bool:
-        """Plain greedy search with a cache: our own loop (mmgpt.fastgen) gives the same tokens faster."""
-        from mmgpt.fastgen import FAST_OPTIONS
+        """Greedy search or temperature / top-k / top-p sampling with a cache: our own loop (mmgpt.fastgen)
+        gives the same tokens faster."""
+        from mmgpt.fastgen import FAST_OPTIONS, can_sample
 
         if self.uses_prefix:  # the fast loop reads GPT-2's cross-attention blocks
             return False
@@ -618,7 +619,9 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         if not opts <= FAST_OPTIONS:
             return False
         gc = self.generation_config
-        if kwargs.get("num_beams", gc.num_beams or 1) != 1 or kwargs.get("do_sample", gc.do_sample):
+        if kwargs.get("num_beams", gc.num_beams or 1) != 1:
+            return False
+        if kwargs.get("do_sample", gc.do_sample) and not can_sample(gc):
             return False
         if not kwargs.get("use_cache", True) or isinstance(kwargs.get("eos_token_id", gc.eos_token_id), list):
             return False
@@ -669,7 +672,7 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
                   and bool((input_ids == self.config.image_token_id).any()))
         self._fit_positions(attention_mask, 0 if inline else encoder_hidden_states.shape[1], kwargs)
         if memory_mask is None and not inline and kwargs.get("cache") is None and self._can_use_fast_path(kwargs):
-            from mmgpt.fastgen import greedy_generate
+            from mmgpt.fastgen import greedy_generate, sampling_warpers
 
             gc = self.generation_config
             eos = kwargs.get("eos_token_id", gc.eos_token_id)
@@ -678,6 +681,7 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
                 self, encoder_hidden_states, input_ids, attention_mask, int(kwargs["max_new_tokens"]),
                 eos_token_id=eos, pad_token_id=eos if pad is None else pad,
                 min_new_tokens=int(kwargs.get("min_new_tokens") or 0),
+                warpers=sampling_warpers(kwargs, gc) if kwargs.get("do_sample", gc.do_sample) else None,
             )
         if memory_mask is not None:
             kwargs["memory_mask"] = memory_mask

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -16,8 +17,31 @@ from encoders import build_image_transform, load_image
 from encoders.image_io import is_array
 
 PROCESSOR_FILE = "mmgpt_processor.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 EOS = "<|endoftext|>"
+IMAGE_TOKEN = "<image>"
 DEFAULT_TEMPLATES = {"caption": "", "vqa": "question: {question} answer:"}
+
+# mmgpt's own chat template. A user turn is its images' placeholders (prefix fusion; none for
+# cross-attention, which reads the images beside the text), BOS, then the question template around its
+# text (the caption template when it has none); an assistant turn is its text (after a space when something
+# was asked) and EOS. So a caption or VQA record is exactly its one-turn conversation, token for token.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(prompt='') -%}"
+    "{%- for message in messages -%}"
+    "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
+    " | map('trim') | reject('equalto', '') | join(' ') -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{{ bos_token }}{{ text }}{{ eos_token }}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{%- for part in message['content'] if part['type'] == 'image' -%}{{ image_token }}{%- endfor -%}"
+    "{%- set ns.prompt = (question_prefix ~ text ~ question_suffix) if text else caption_prompt -%}"
+    "{{ bos_token }}{{ ns.prompt }}"
+    "{%- else -%}"
+    "{%- if ns.prompt %} {% endif -%}{{ text }}{{ eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 1) -> PreTrainedTokenizerFast:
@@ -58,6 +82,9 @@ class MMGPTProcessor:
         templates: dict | None = None,
         max_length: int = 64,
         train_scale: Sequence[float] = (0.8, 1.0),
+        chat_template: str | None = None,
+        image_token: str | None = None,
+        num_image_tokens: int = 0,
     ):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -68,6 +95,13 @@ class MMGPTProcessor:
         self.templates = {**DEFAULT_TEMPLATES, **(templates or {})}
         self.max_length = int(max_length)
         self.train_scale = tuple(train_scale)
+        # chat: the Jinja template (None = mmgpt's own), and for prefix fusion the placeholder of an image
+        # in the text with the K tokens each image becomes (cross-attention: no placeholder)
+        self.chat_template = chat_template
+        self.image_token = image_token
+        self.num_image_tokens = int(num_image_tokens)
+        if "{question}" not in self.templates["vqa"]:
+            raise ValueError(f"templates.vqa {self.templates['vqa']!r} has no {{question}} field")
         self.eval_transform = build_image_transform(self.image_size, self.image_mean, self.image_std, train=False)
         self.train_transform = build_image_transform(
             self.image_size, self.image_mean, self.image_std, train=True, scale=self.train_scale
@@ -134,12 +168,22 @@ class MMGPTProcessor:
             rows = [fill[len(s):] + s for s in seqs]
         return torch.tensor(rows, dtype=torch.long)
 
-    def batch_examples(self, tasks: Sequence[str], prompts: Sequence[str], targets: Sequence[str]) -> dict:
-        """Right-padded training batch: input_ids, attention_mask, labels (B, T)."""
+    def example_pairs(self, tasks: Sequence[str], prompts: Sequence[str], targets: Sequence[str]
+                      ) -> list[tuple[list[int], list[int]]]:
+        """(input_ids, labels) of many caption / VQA records, tokenized in one call."""
         _same_lengths(tasks=tasks, prompts=prompts, targets=targets)
         heads = self._prompt_ids(tasks, prompts)
         tails = self._encode_many([self._target_text(t, y) for t, y in zip(tasks, targets)])
-        pairs = [self._join(p, t) for p, t in zip(heads, tails)]
+        return [self._join(p, t) for p, t in zip(heads, tails)]
+
+    def pad_pairs(self, pairs: Sequence[tuple[list[int], list[int]]]) -> dict:
+        """Right-padded training batch of (input_ids, labels) pairs: input_ids, attention_mask, labels (B, T)."""
+        return {"input_ids": self.pad([p[0] for p in pairs]), "attention_mask": self.pad(
+            [[1] * len(p[0]) for p in pairs], value=0), "labels": self.pad([p[1] for p in pairs], value=-100)}
+
+    def batch_examples(self, tasks: Sequence[str], prompts: Sequence[str], targets: Sequence[str]) -> dict:
+        """Right-padded training batch: input_ids, attention_mask, labels (B, T)."""
+        pairs = self.example_pairs(tasks, prompts, targets)
         ids = self.pad([p[0] for p in pairs])
         labels = self.pad([p[1] for p in pairs], value=-100)
         mask = self.pad([[1] * len(p[0]) for p in pairs], value=0)
@@ -185,6 +229,100 @@ class MMGPTProcessor:
         if isinstance(ids, torch.Tensor) and ids.dim() == 1:
             ids = ids.unsqueeze(0)
         return [self.decode(row) for row in ids]
+
+    # --- conversations ---------------------------------------------------------------------------
+
+    @property
+    def image_token_id(self) -> int | None:
+        return None if self.image_token is None else self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """Normalized messages -> the template's text (images as placeholders where the model has them)."""
+        return _render(self.chat_template or DEFAULT_CHAT_TEMPLATE, messages, add_generation_prompt,
+                       own=self.chat_template is None, bos_token=self.tokenizer.decode([self.bos_id]),
+                       eos_token=self.tokenizer.eos_token, image_token=self.image_token or "",
+                       caption_prompt=self.templates["caption"],
+                       question_prefix=self.templates["vqa"].split("{question}")[0],
+                       question_suffix=self.templates["vqa"].split("{question}")[1])
+
+    def _assistant_spans(self, messages: list[dict], text: str) -> list[tuple[int, int]]:
+        """Character spans of the assistant turns in `text` (the whole conversation rendered): each runs
+        from the end of the conversation before it, with the generation prompt, to the end of the conversation
+        through it, so it holds the turn's text and its end-of-turn tokens."""
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.render_chat(messages[:i], add_generation_prompt=True)
+            through = self.render_chat(messages[: i + 1])
+            if not (through.startswith(before) and text.startswith(through)):
+                raise ValueError("the chat template does not render a conversation as the start of a longer one: "
+                                 "the assistant turns cannot be found for the loss")
+            spans.append((len(before), len(through)))
+        return spans
+
+    def encode_conversation(self, messages: list[dict], add_generation_prompt: bool = False,
+                            max_length: int | None = None) -> tuple[list[int], list[int]]:
+        """Normalized messages (mmgpt.conversation.normalize) -> (input_ids, labels): labels keep the
+        assistant turns (their text and end-of-turn tokens) and are -100 everywhere else. With prefix fusion
+        each image placeholder becomes `num_image_tokens` copies of it. Cut at `max_length` (default: the
+        processor's, plus the image tokens); a cut inside an image's tokens is a ValueError."""
+        text = self.render_chat(messages, add_generation_prompt)
+        spans = self._assistant_spans(messages, text)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, labels = [], []
+        ph = self.image_token_id
+        k = self.num_image_tokens
+        for tok, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if ph is not None and tok == ph:
+                ids += [tok] * k
+                labels += [-100] * k
+                continue
+            ids.append(tok)
+            inside = any(s <= a < e for s, e in spans) and b > a
+            labels.append(tok if inside else -100)
+        limit = max_length or (self.max_length + (k * _count_images(messages) if ph is not None else 0))
+        if len(ids) > limit:
+            if ph is not None and ph in ids[limit:]:
+                raise ValueError(f"the conversation takes {len(ids)} tokens and its images do not fit the "
+                                 f"{limit} this model reads")
+            ids, labels = ids[:limit], labels[:limit]
+        return ids, labels
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = False,
+                            return_dict: bool = False, return_tensors: str | None = None, images=None,
+                            return_assistant_tokens_mask: bool = False, **kwargs):
+        """As transformers' processors: messages (one conversation, or a list of them) -> the rendered text
+        (`tokenize=False`), token ids, or with `return_dict=True` a dict of input_ids, attention_mask (left
+        padded, for generation), pixel_values and image_slots of the conversations' images, and
+        `assistant_masks` when asked. Image parts may carry their image, or take `images` in order."""
+        from mmgpt.conversation import normalize
+
+        if kwargs.get("chat_template") is not None:
+            raise ValueError("chat_template= is not taken here: set processor.chat_template")
+        batched = isinstance(messages, (list, tuple)) and bool(messages) and isinstance(messages[0], (list, tuple))
+        convs = list(messages) if batched else [messages]
+        if images is not None and not batched:
+            images = [images]
+        normed = [normalize(c, images[i] if images is not None else None) for i, c in enumerate(convs)]
+        if not tokenize:
+            texts = [self.render_chat(m, add_generation_prompt) for m, _ in normed]
+            return texts if batched else texts[0]
+        enc = [self.encode_conversation(m, add_generation_prompt) for m, _ in normed]
+        if not return_dict and return_tensors is None:
+            ids = [e[0] for e in enc]
+            return ids if batched else ids[0]
+        out = {"input_ids": self.pad([e[0] for e in enc], side="left"),
+               "attention_mask": self.pad([[1] * len(e[0]) for e in enc], side="left", value=0)}
+        if return_assistant_tokens_mask:
+            out["assistant_masks"] = self.pad([[int(x != -100) for x in e[1]] for e in enc], side="left", value=0)
+        all_images = [im for _, ims in normed for im in ims]
+        if all_images:
+            out["pixel_values"] = self.images(all_images)
+            out["image_slots"] = image_slots([len(ims) for _, ims in normed])
+        if not return_dict:
+            return out["input_ids"]
+        return out
 
     # --- images ----------------------------------------------------------------------------------
 
@@ -235,6 +373,8 @@ class MMGPTProcessor:
             "templates": self.templates,
             "max_length": self.max_length,
             "train_scale": list(self.train_scale),
+            "image_token": self.image_token,
+            "num_image_tokens": self.num_image_tokens,
         }
 
     def save_pretrained(self, path) -> None:
@@ -242,6 +382,8 @@ class MMGPTProcessor:
         path.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(path)
         (path / PROCESSOR_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        # the chat template in use, always written (transformers' file name), so other tools can read it
+        (path / CHAT_TEMPLATE_FILE).write_text((self.chat_template or DEFAULT_CHAT_TEMPLATE) + "\n")
 
     @classmethod
     def from_pretrained(cls, path, **kwargs) -> MMGPTProcessor:
@@ -253,6 +395,10 @@ class MMGPTProcessor:
         data.pop("processor_class", None)
         data.update(kwargs)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        tpl = path / CHAT_TEMPLATE_FILE
+        if "chat_template" not in kwargs and tpl.is_file():  # folders before conversations have none: the default
+            text = tpl.read_text().rstrip("\n")
+            data["chat_template"] = None if text == DEFAULT_CHAT_TEMPLATE else text
         return cls(tokenizer, **data)
 
 
@@ -263,3 +409,42 @@ def _same_lengths(**seqs: Sequence) -> None:
         raise ValueError("lists of different lengths: " + ", ".join(f"{k} {n}" for k, n in lengths.items()))
     if not next(iter(lengths.values())):
         raise ValueError("empty batch: give at least one row")
+
+
+def image_slots(counts: Sequence[int]) -> torch.Tensor:
+    """Images per conversation, numbered in order across the batch -> (B, M) slots, -1 past a row's own."""
+    width = max(1, max(counts))
+    rows, start = [], 0
+    for n in counts:
+        rows.append(list(range(start, start + n)) + [-1] * (width - n))
+        start += n
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _count_images(messages: list[dict]) -> int:
+    return sum(p["type"] == "image" for m in messages for p in m["content"])
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str):
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(msg):
+        raise jinja2.exceptions.TemplateError(msg)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
+
+def _render(template: str, messages: list[dict], add_generation_prompt: bool, own: bool, **variables) -> str:
+    """Render a chat template in jinja2's sandbox, as transformers does. A template of another model (SmolLM2,
+    Qwen2.5: content as one string) gets each message's parts flattened to text with the image placeholders
+    where the images stand."""
+    if not own:
+        ph = variables.get("image_token", "")
+        messages = [{"role": m["role"], "content": "".join(
+            ph if p["type"] == "image" else p["text"] for p in m["content"])} for m in messages]
+    return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                               **variables)

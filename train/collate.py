@@ -11,6 +11,7 @@ import zlib
 
 import torch
 
+from mmgpt.conversation import record_to_messages
 from train.data.bad import split_bad
 
 
@@ -38,14 +39,36 @@ class Collator:
         p = self.processor
         pixels, image_index, tasks, prompts, targets, itc, image_ids = [], [], [], [], [], [], []
         negatives, neg_prompts, neg_owner = [], [], []  # hard-negative captions, per ITC row
+        chats: dict[int, list[dict]] = {}  # row -> the conversation's messages
+        slots: list[list[int]] = []  # per row: its images, in order
         n_itc = 0  # ITC rows so far
         for g in groups:
             pixels.append(g[0]["image"])
             # an image read from a file (or a dataset row) is known by where it came from: ids of two
             # sources can collide (the feature cache and ITC's image ids use this key); else its id
             image_ids.append(g[0].get("image_source") or g[0].get("image_id"))
+            own = len(pixels) - 1
             for r in g:
-                image_index.append(len(pixels) - 1)
+                if r["task"] == "chat":  # a conversation: its images (the group's own one is encoded once)
+                    row_slots = []
+                    for j, im in enumerate(r["images"]):
+                        if im is g[0]["image"]:
+                            row_slots.append(own)
+                            continue
+                        pixels.append(im)
+                        ids_ = r.get("image_ids") or ()
+                        image_ids.append(ids_[j] if j < len(ids_) else None)
+                        row_slots.append(len(pixels) - 1)
+                    chats[len(tasks)] = r["messages"]
+                    slots.append(row_slots)
+                    image_index.append(row_slots[0])
+                    tasks.append("chat")
+                    prompts.append("")
+                    targets.append("")
+                    itc.append(False)
+                    continue
+                slots.append([own])
+                image_index.append(own)
                 tasks.append(r["task"])
                 prompts.append(r.get("prompt", ""))
                 targets.append(r["target"])
@@ -59,7 +82,18 @@ class Collator:
         batch = {"bad": bad, "num_images": len(pixels), "num_rows": len(tasks), "image_ids": image_ids}
         if not pixels:
             return batch
-        text = p.batch_examples(tasks, prompts, targets)
+        plain = [i for i, t in enumerate(tasks) if t != "chat"]
+        pairs: list = [None] * len(tasks)
+        inline = p.image_token is not None and bool(chats)  # prefix fusion: every row's images at placeholders
+        if plain and not inline:
+            for i, pair in zip(plain, p.example_pairs([tasks[i] for i in plain], [prompts[i] for i in plain],
+                                                      [targets[i] for i in plain])):
+                pairs[i] = pair
+        for i in range(len(tasks)):
+            if pairs[i] is None:  # a conversation, or a record as its one-turn conversation
+                msgs = chats.get(i) or record_to_messages(tasks[i], prompts[i], targets[i])
+                pairs[i] = p.encode_conversation(msgs)
+        text = p.pad_pairs(pairs)
         # Caption ids for ITC: equal captions share a group (stable across processes: crc32, not hash()).
         # With question rows the text is question + answer ("what color is the circle? red").
         itc_texts = [f"{pr} {t}" if task == "vqa" else t for task, pr, t in zip(tasks, prompts, targets)]
@@ -71,6 +105,9 @@ class Collator:
             itc_groups=torch.tensor(groups_ids),  # (B,)
             **text,  # input_ids, attention_mask, labels: (B, T)
         )
+        if chats:  # (B, M): each row's images, -1 past its own (rows without conversations: one image)
+            width = max(len(x) for x in slots)
+            batch["image_slots"] = torch.tensor([x + [-1] * (width - len(x)) for x in slots])
         if self.itc_questions:
             keys = [zlib.crc32(str(i if i is not None else ("#", k, os.getpid())).encode()) & 0x7FFFFFFF
                     for k, i in enumerate(image_ids)]
@@ -85,6 +122,6 @@ class Collator:
         return batch
 
 
-# itc_images and the three itc_negative_* keys only when present in a batch
-MODEL_KEYS = ("pixel_values", "image_index", "itc_mask", "itc_groups", "itc_images", "input_ids", "attention_mask",
+# image_slots (conversations), itc_images and the three itc_negative_* keys only when present in a batch
+MODEL_KEYS = ("pixel_values", "image_index", "image_slots", "itc_mask", "itc_groups", "itc_images", "input_ids", "attention_mask",
               "labels", "itc_negative_ids", "itc_negative_mask", "itc_negative_owner")

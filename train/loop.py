@@ -79,7 +79,9 @@ def _tokenizer_texts(dataset, limit: int) -> list[str]:
         items = (dataset[i] for i in range(0, n, max(1, n // max(1, limit))))
     for item in items:
         for r in item if isinstance(item, list) else [item]:
-            if isinstance(r, dict):
+            if isinstance(r, dict) and r.get("task") == "chat":  # a conversation: its turns' texts
+                texts += [p["text"] for m in r["messages"] for p in m["content"] if p["type"] == "text"]
+            elif isinstance(r, dict):
                 texts.append(r["target"])
                 if r.get("prompt"):
                     texts.append(DEFAULT_TEMPLATES["vqa"].format(question=r["prompt"]) + " " + r["target"])

@@ -37,8 +37,9 @@ BACKGROUND = (200, 255)  # each channel uniform in this range
 MAX_OBJECTS = 3
 MIN_GAP = 2  # px between bounding boxes at 64 px
 MIN_DX = 2  # px between centre x's at 64 px, so "left to right" is never a tie
-COUNT_WORDS = ("zero", "one", "two", "three")
+COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 QTYPES = ("count", "exists", "color", "shape", "size", "count_color")
+TASK_KINDS = ("caption", "vqa", "chat", "two_image")  # task_mix keys: records of each kind per image
 
 SPLITS = {"train": 0, "validation": 1, "test": 2}
 _INDEX_BITS = 40  # scene seeds: ((seed * 3 + split) << 40) + index, disjoint for index < 2**40
@@ -228,6 +229,89 @@ def questions(scene: ShapesScene) -> list[tuple[str, str, str]]:
     return qs
 
 
+ATTRIBUTES = ("color", "shape", "size")
+
+
+def _naming_questions(scene: ShapesScene) -> list[tuple[str, str, ShapeObject]]:
+    """Questions that name one object (its shape or colour is unique): (attribute asked, question, object)."""
+    shapes = Counter(o.shape for o in scene.objects)
+    colors = Counter(o.color for o in scene.objects)
+    out = []
+    for o in scene.objects:
+        if shapes[o.shape] == 1:
+            out += [("color", f"what color is the {o.shape}?", o), ("size", f"what size is the {o.shape}?", o)]
+        if colors[o.color] == 1:
+            out.append(("shape", f"what shape is the {o.color} object?", o))
+    return out
+
+
+def conversation(scene: ShapesScene, rng: random.Random, followups: int = 2) -> list[tuple[str, str, str]] | None:
+    """A conversation about one image (DESIGN.md, Conversations), as ``(qtype, question, answer)`` turns: a
+    question that names an object, then ``followups`` questions about it with "it" (qtype ``followup``),
+    another question of the list sometimes between them (a naming one makes its object the new referent).
+    None when no object can be named."""
+    naming = _naming_questions(scene)
+    if not naming:
+        return None
+    attr, q, obj = rng.choice(naming)
+    turns = [(attr, q, getattr(obj, attr))]
+    told = {attr}
+    others = [t for t in questions(scene) if t[0] in ("count", "exists", "count_color")]
+    for _ in range(followups):
+        if rng.random() < 0.3:  # an interjection: a plain question, or one that names another object
+            if rng.random() < 0.5:
+                a2, q2, o2 = rng.choice(naming)
+                turns.append((a2, q2, getattr(o2, a2)))
+                if o2 is not obj:
+                    obj, told = o2, set()
+                told.add(a2)
+            else:
+                turns.append(rng.choice(others))
+        left = [a for a in ATTRIBUTES if a not in told] or list(ATTRIBUTES)
+        a = rng.choice(left)
+        told.add(a)
+        turns.append(("followup", f"what {a} is it?", getattr(obj, a)))
+    return turns
+
+
+def two_image_question(first: ShapesScene, second: ShapesScene, rng: random.Random) -> tuple[str, str, str]:
+    """One question about two images (DESIGN.md, Two images): ``(qtype, question, answer)``, qtype one of
+    ``which_image`` ("the first" / "the second", asked only when exactly one image has it), ``both`` (yes /
+    no) and ``total`` (objects in both)."""
+    def has(scene, color, shape):
+        return any(o.shape == shape and (color is None or o.color == color) for o in scene.objects)
+
+    kind = rng.choice(("which_image", "which_image", "both", "total"))
+    if kind == "which_image":
+        options = []
+        for shape in SHAPES:
+            for color in (None, *COLORS):
+                a, b = has(first, color, shape), has(second, color, shape)
+                if a != b:
+                    options.append((color, shape, "the first" if a else "the second"))
+        if options:
+            color, shape, answer = rng.choice(options)
+            thing = f"{color} {shape}" if color else shape
+            return "which_image", f"which image has a {thing}?", answer
+        kind = "both"
+    if kind == "both":
+        shape = rng.choice(SHAPES)
+        yes = has(first, None, shape) and has(second, None, shape)
+        return "both", f"do both images have a {shape}?", "yes" if yes else "no"
+    return "total", "how many objects are there in total?", COUNT_WORDS[len(first.objects) + len(second.objects)]
+
+
+def chat_record(images: list, turns: list[tuple[str, str, str]], image_id: str, image_ids: list[str]) -> dict:
+    """A conversation record (mmgpt.conversation): the images in the first user turn, then the turns."""
+    messages = []
+    for k, (_, q, a) in enumerate(turns):
+        content = [{"type": "image"} for _ in images] if k == 0 else []
+        messages.append({"role": "user", "content": [*content, {"type": "text", "text": q}]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
+    return {"task": "chat", "messages": messages, "images": list(images), "image": images[0], "prompt": "",
+            "target": "", "image_id": image_id, "image_ids": image_ids, "qtypes": [t for t, _, _ in turns]}
+
+
 class ShapesDataset(Dataset):
     """Map-style shapes data set.
 
@@ -272,9 +356,9 @@ class ShapesDataset(Dataset):
         # read in order so the curriculum comes first and each pair lands in one batch
         self.ordered = single_object_first > 0 or self.shape_pairs
         task_mix = dict(task_mix) if task_mix is not None else {"caption": 1, "vqa": 1}
-        unknown = set(task_mix) - {"caption", "vqa"}
+        unknown = set(task_mix) - set(TASK_KINDS)
         if unknown or any(not isinstance(v, int) or v < 0 for v in task_mix.values()):
-            raise ValueError(f"task_mix must map 'caption'/'vqa' to counts >= 0, got {task_mix}")
+            raise ValueError(f"task_mix must map {'/'.join(TASK_KINDS)} to counts >= 0, got {task_mix}")
         self.split, self.size, self.image_size, self.seed, self.grouped = (
             split,
             size,
@@ -283,13 +367,14 @@ class ShapesDataset(Dataset):
             grouped,
         )
         self.n_caption, self.n_vqa = task_mix.get("caption", 0), task_mix.get("vqa", 0)
-        if self.n_caption + self.n_vqa == 0:
+        self.n_chat, self.n_two = task_mix.get("chat", 0), task_mix.get("two_image", 0)
+        if self.per_image == 0:
             raise ValueError("task_mix gives no records per image")
         self._last: tuple[int, list[dict]] | None = None
 
     @property
     def per_image(self) -> int:
-        return self.n_caption + self.n_vqa
+        return self.n_caption + self.n_vqa + self.n_chat + self.n_two
 
     def __len__(self) -> int:
         return self.size if self.grouped else self.size * self.per_image
@@ -371,12 +456,45 @@ class ShapesDataset(Dataset):
                     pool.setdefault(q[0], []).append(q)
             qtype = rng.choice([t for t, v in pool.items() if v])
             chosen.append(pool[qtype].pop(rng.randrange(len(pool[qtype]))))
-        return self._records(scene, i, self.n_caption, chosen)
+        recs = self._records(scene, i, self.n_caption, chosen)
+        if self.n_chat or self.n_two:
+            recs += self._chat_records(scene, i, recs[0]["image"] if recs else render(scene), self.n_chat,
+                                       self.n_two)
+        return recs
 
-    def records_for_image(self, i: int) -> list[dict]:
-        """Caption and every valid question of image ``i`` (for evaluation)."""
+    def partner(self, i: int) -> ShapesScene:
+        """The second image of image ``i``'s two-image questions: a scene of its own seed stream."""
+        return sample_scene(random.Random(f"shapes-partner:{scene_seed(self.split, i, self.seed)}"), self.image_size)
+
+    def _chat_records(self, scene: ShapesScene, i: int, image, n_chat: int, n_two: int) -> list[dict]:
+        """``n_chat`` conversations about image ``i`` and ``n_two`` questions about it and its partner, from
+        their own generator (the caption and question draws stay what they were without them)."""
+        rng = random.Random(f"shapes-chat:{scene_seed(self.split, i, self.seed)}")
+        iid = self.image_id(i)
+        out = []
+        for _ in range(n_chat):
+            turns = conversation(scene, rng)
+            if turns is not None:
+                out.append(chat_record([image], turns, iid, [iid]))
+        if n_two:
+            second = self.partner(i)
+            pimg = render(second)
+            for _ in range(n_two):
+                first_is_self = rng.random() < 0.5  # the image of the group comes first or second
+                a, b = (scene, second) if first_is_self else (second, scene)
+                ims = [image, pimg] if first_is_self else [pimg, image]
+                ids = [iid, f"{iid}-partner"] if first_is_self else [f"{iid}-partner", iid]
+                out.append(chat_record(ims, [two_image_question(a, b, rng)], iid, ids))
+        return out
+
+    def records_for_image(self, i: int, chat: int = 0, two_image: int = 0) -> list[dict]:
+        """Caption and every valid question of image ``i`` (for evaluation), and ``chat`` conversations and
+        ``two_image`` two-image questions when asked."""
         scene, _ = self.scene(i)
-        return self._records(scene, i, 1, questions(scene))
+        recs = self._records(scene, i, 1, questions(scene))
+        if chat or two_image:
+            recs += self._chat_records(scene, i, recs[0]["image"], chat, two_image)
+        return recs
 
     def iter_groups(self, start: int = 0, stop: int | None = None) -> Iterator[list[dict]]:
         """Yield ``group(i)`` for images ``start .. stop-1``."""
@@ -386,7 +504,9 @@ class ShapesDataset(Dataset):
     def __repr__(self) -> str:
         return (
             f"ShapesDataset(split={self.split!r}, size={self.size}, image_size={self.image_size}, "
-            f"task_mix={{'caption': {self.n_caption}, 'vqa': {self.n_vqa}}}, seed={self.seed}"
+            f"task_mix={{'caption': {self.n_caption}, 'vqa': {self.n_vqa}"
+            + (f", 'chat': {self.n_chat}" if self.n_chat else "") + (f", 'two_image': {self.n_two}" if self.n_two else "")
+            + f"}}, seed={self.seed}"
             + (f", single_object_first={self.single_object_first}" if self.single_object_first else "")
             + (f", hard_negatives={self.hard_negatives}" if self.hard_negatives else "")
             + (", shape_pairs=True)" if self.shape_pairs else ")")
