@@ -1,8 +1,11 @@
 """mmgpt: vision-language models (ViT encoder + GPT decoder with cross-modal attention).
 
-Names are imported lazily, so `mmgpt --help` and the CLI's error paths start without torch.
+Names are imported lazily, so `mmgpt --help` and the CLI's error paths start without torch. `import mmgpt`
+(outside the `mmgpt` command) registers mmgpt with transformers' Auto classes (mmgpt.hf_interop).
 """
 
+import os
+import sys
 from importlib import import_module
 
 _EXPORTS = {
@@ -34,3 +37,16 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'mmgpt' has no attribute {name!r}")
+
+
+def _started_as_cli() -> bool:
+    """The `mmgpt` command (its console script): it needs no Auto classes and keeps starting without torch."""
+    return os.path.basename(sys.argv[0] if sys.argv else "") == "mmgpt"
+
+
+# `import mmgpt` lets transformers load mmgpt folders: AutoConfig / AutoModel / AutoModelForImageTextToText /
+# AutoProcessor and pipeline("image-text-to-text") (mmgpt.hf_interop).
+if not _started_as_cli():
+    from mmgpt.hf_interop import register as _register
+
+    _register()
