@@ -1,9 +1,18 @@
-"""Greedy decoding without framework overhead: a preallocated KV cache, cross-attention keys and values
+"""Greedy decoding and sampling without framework overhead: a preallocated KV cache, cross-attention keys and values
 computed once per image, logits for the last position only, and a lean one-token step.
 
 It reads the same GPT-2 weights as the model's forward and gives the same tokens as
 `GenerationMixin.generate` with greedy search (tested); `MMGPTModel.generate` takes this path when
-no option asks for more (beams, sampling, streamers, logits processors).
+no option asks for more (beams, streamers, logits processors other than the ones below).
+
+Sampling (`do_sample=True` with `temperature`, `top_k`, `top_p`) runs transformers' own warpers
+(TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, in GenerationMixin's order, with its
+defaults: top_k 50 unless set) on each step's logits and draws with `torch.multinomial` on torch's
+global generator as GenerationMixin does, so `torch.manual_seed(s)` before either gives the same
+tokens (tested).
+
+A model put on int8 weights (`mmgpt.quantize`, `load(..., quantize="int8")`) runs every linear of
+the step through `mmgpt.kernels.rows_linear_int8` where the kernel builds: a quarter of the bytes.
 
 Decoding a few rows is bound by memory bandwidth and by per-op overhead: every step streams all
 decoder weights and the LM head, through about twenty small ops per layer. So:
@@ -43,11 +52,49 @@ import torch
 import torch.nn.functional as F
 
 from encoders.threads import cores_free, one_thread
-from mmgpt import kernels
+from mmgpt import kernels, quantize
 
 # Options this path honours; anything else goes to GenerationMixin.
 FAST_OPTIONS = {"max_new_tokens", "min_new_tokens", "do_sample", "num_beams", "use_cache", "eos_token_id",
-                "pad_token_id", "bos_token_id"}
+                "pad_token_id", "bos_token_id", "temperature", "top_k", "top_p"}
+# Sampling options of a generation_config that this path does not apply: each must be unset (or neutral).
+_OTHER_WARPERS = {"min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
+_WARPER_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}  # GenerationConfig's global defaults
+
+
+def _setting(name: str, kwargs: dict, gc):
+    """A generation option as GenerationMixin resolves it: the call's, else the model's
+    generation_config's, else transformers' global default."""
+    if kwargs.get(name) is not None:
+        return kwargs[name]
+    value = getattr(gc, name, None)
+    if value is not None:
+        return value
+    defaults = getattr(type(gc), "_get_default_generation_params", None)
+    return (defaults() if defaults else _WARPER_DEFAULTS).get(name, _WARPER_DEFAULTS.get(name))
+
+
+def can_sample(gc) -> bool:
+    """True when the model's generation_config asks for no warper but temperature / top-k / top-p (the
+    call's other options are checked against FAST_OPTIONS)."""
+    return all(getattr(gc, k, None) in (None, neutral) for k, neutral in _OTHER_WARPERS.items())
+
+
+def sampling_warpers(kwargs: dict, gc):
+    """The LogitsProcessorList GenerationMixin builds for these sampling options (`_get_logits_processor`,
+    its warpers part, for one beam)."""
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    t, k, p = (_setting(n, kwargs, gc) for n in ("temperature", "top_k", "top_p"))
+    warpers = LogitsProcessorList()
+    if t is not None and t != 1.0:
+        warpers.append(TemperatureLogitsWarper(t))
+    if k is not None and k != 0:
+        warpers.append(TopKLogitsWarper(top_k=k, min_tokens_to_keep=1))
+    if p is not None and p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=p, min_tokens_to_keep=1))
+    return warpers
 
 
 def _layer_norm(ln):
@@ -124,6 +171,14 @@ def _wb(module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, base.bias
 
 
+def _int8_linear(weight: torch.Tensor, bias: torch.Tensor | None):
+    """The product on int8 weights (one scale per output column) through mmgpt.kernels: weight (in, out).
+    A model put on int8 (`mmgpt.quantize`) holds weights on the int8 grid already, so this gives back
+    its own int8 values."""
+    q, scale = quantize.quantize_weight(weight, dim=0)  # (in, out) int8, (out,)
+    return kernels.rows_linear_int8(q, scale, bias)
+
+
 def _then(f, g):
     return lambda x: g(f(x))
 
@@ -138,15 +193,16 @@ class _DecoderPlan:
     (`blocks`: oneDNN on CPU float32, else addmm) and for one row (`one_row`: split in halves, or
     `blocks` itself); and the LM head, which only ever sees one row per sequence."""
 
-    def __init__(self, model, split: bool, rows: bool, kernel: bool = False):
+    def __init__(self, model, split: bool, rows: bool, kernel: bool = False, int8: bool = False):
         cfg = model.decoder.config
         self.n_head, self.d = cfg.n_head, cfg.n_embd
         layers = model.decoder.transformer.h
         head = model.decoder.lm_head
         if kernel:  # mmgpt.kernels.rows_linear for one row and for several (module doc)
-            self.blocks = [self._block(model, i, blk, kernels.rows_linear, False) for i, blk in enumerate(layers)]
+            lin = _int8_linear if int8 else kernels.rows_linear
+            self.blocks = [self._block(model, i, blk, lin, False) for i, blk in enumerate(layers)]
             self.one_row = self.blocks
-            self.lm_head = self.lm_head_one_row = kernels.rows_linear(head.weight.t(), head.bias)  # (D, V)
+            self.lm_head = self.lm_head_one_row = lin(head.weight.t(), head.bias)  # (D, V)
             return
         onednn = rows and _onednn(model.decoder.lm_head.weight)
         self.blocks = [self._block(model, i, blk, _packed_linear if onednn else _linear, onednn)
@@ -198,11 +254,13 @@ def _plan(model, split: bool, rows: bool) -> _DecoderPlan:
     w = model.decoder.lm_head.weight
     kernel = (w.device.type == "cpu" and w.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
               and kernels.available())
+    # int8 weights need the kernel; without it the model's dequantized fp32 weights give the same tokens
+    int8 = kernel and quantize.mode_of(model) == "int8"
     if kernel:
         split = rows = False  # one plan serves every batch size
-    if (split, rows, kernel) not in plans.by_split:
-        plans.by_split[split, rows, kernel] = _DecoderPlan(model, split, rows, kernel)
-    return plans.by_split[split, rows, kernel]
+    if (split, rows, kernel, int8) not in plans.by_split:
+        plans.by_split[split, rows, kernel, int8] = _DecoderPlan(model, split, rows, kernel, int8)
+    return plans.by_split[split, rows, kernel, int8]
 
 
 @torch.no_grad()
@@ -216,8 +274,12 @@ def greedy_generate(
     pad_token_id: int,
     min_new_tokens: int = 0,
     threads: str | None = None,
+    warpers=None,
 ) -> torch.Tensor:
     """memory (B, K, Dt); input_ids, attention_mask (B, P) left-padded -> (B, P + new) like generate().
+
+    `warpers` (a LogitsProcessorList, `sampling_warpers`): sample each token from the warped logits
+    with torch.multinomial, as GenerationMixin's sampling does; None: greedy.
 
     `threads` (CPU with 2+ torch threads): "parallel": on all threads, one-row linears split in
     halves (module doc); "serial": on one thread; None: "parallel" while the other cores take work
@@ -234,11 +296,11 @@ def greedy_generate(
     split = b == 1 and dev.type == "cpu" and n_threads >= 2 and threads != "serial"
     with one_thread(threads == "serial"):
         return _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
-                       min_new_tokens, split, watch=auto and threads != "serial")
+                       min_new_tokens, split, watch=auto and threads != "serial", warpers=warpers)
 
 
 def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
-            min_new_tokens, split: bool, watch: bool) -> torch.Tensor:
+            min_new_tokens, split: bool, watch: bool, warpers=None) -> torch.Tensor:
     tr = model.decoder.transformer
     b, p = input_ids.shape
     dev = input_ids.device
@@ -335,7 +397,11 @@ def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_
     for n in range(max_new_tokens):
         if eos_token_id is not None and n < min_new_tokens:
             logits[:, eos_token_id] = neg
-        nxt = logits.argmax(-1)  # (B,)
+        if warpers is None:
+            nxt = logits.argmax(-1)  # (B,)
+        else:  # GenerationMixin._sample: warp, softmax, one multinomial draw per row
+            scores = warpers(out[:, : p + n], logits)
+            nxt = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)  # (B,)
         if eos_token_id is not None:
             nxt = torch.where(done, pad_token_id, nxt)
         out[:, p + n] = nxt

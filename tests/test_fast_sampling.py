@@ -1,0 +1,86 @@
+"""Sampling on the fast decoding path (mmgpt.fastgen) against GenerationMixin and its logits processors."""
+
+import pytest
+import torch
+from transformers import GenerationConfig
+from transformers.generation.logits_process import TopPLogitsWarper
+
+from mmgpt import fastgen
+from test_model import left_padded_prompts, make_model
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = make_model(seed=7)
+    _, ids, mask = left_padded_prompts()
+    px = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    return model, px, ids, mask
+
+
+def _generate(model, px, ids, mask, seed, **kw):
+    torch.manual_seed(seed)
+    return model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=True,
+                          **kw)
+
+
+def test_sampling_takes_the_fast_path(setup, monkeypatch):
+    model, px, ids, mask = setup
+    calls = []
+    real = fastgen.greedy_generate
+    monkeypatch.setattr(fastgen, "greedy_generate", lambda *a, **k: calls.append(k["warpers"]) or real(*a, **k))
+    _generate(model, px, ids, mask, 0, temperature=0.8, top_p=0.9)
+    assert len(calls) == 1 and [type(w).__name__ for w in calls[0]] == [
+        "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper"]  # top_k: GenerationMixin's default 50
+    _generate(model, px, ids, mask, 0, fast=False)
+    assert len(calls) == 1  # fast=False still goes to GenerationMixin
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.7, top_p=0.9), dict(top_k=5), dict(temperature=1.5, top_k=0),
+                                dict(top_p=0.5, min_new_tokens=4)])
+def test_a_seeded_sample_equals_generation_mixins(setup, kw):
+    model, px, ids, mask = setup
+    for seed in (0, 1, 2):
+        fast = _generate(model, px, ids, mask, seed, **kw)
+        slow = _generate(model, px, ids, mask, seed, fast=False, **kw)
+        assert torch.equal(fast, slow), (kw, seed)
+    # different seeds give different samples (the test can fail): 3 rows x 10 tokens drawn at temperature >= 0.7
+    assert not torch.equal(_generate(model, px, ids, mask, 0, **kw), _generate(model, px, ids, mask, 5, **kw))
+
+
+def test_temperature_towards_zero_is_greedy(setup):
+    model, px, ids, mask = setup
+    greedy = model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    for seed in (0, 3):
+        cold = _generate(model, px, ids, mask, seed, temperature=1e-4, top_k=0)
+        assert torch.equal(cold, greedy)
+
+
+def test_the_top_p_mask_equals_a_hand_computed_one():
+    # probabilities 0.5, 0.25, 0.15, 0.1 (and a token at ~0): top_p 0.7 keeps the smallest set whose mass
+    # reaches 0.7, {0.5, 0.25}; top_p 0.8 adds 0.15 (0.75 < 0.8)
+    probs = torch.tensor([[0.25, 0.1, 0.5, 1e-9, 0.15]])
+    logits = probs.log()
+    for top_p, keep in ((0.7, [True, False, True, False, False]), (0.8, [True, False, True, False, True])):
+        warpers = fastgen.sampling_warpers({"top_p": top_p, "top_k": 0}, GenerationConfig())
+        out = warpers(torch.zeros(1, 1, dtype=torch.long), logits.clone())
+        assert (out > -float("inf")).tolist() == [keep]
+        ref = TopPLogitsWarper(top_p)(None, logits.clone())  # transformers' own warper, directly
+        assert torch.equal(out, ref)
+
+
+def test_settings_resolve_as_generation_mixin_does():
+    gc = GenerationConfig(temperature=0.5)
+    names = lambda ws: [(type(w).__name__, getattr(w, "temperature", getattr(w, "top_k", getattr(w, "top_p", None))))
+                        for w in ws]
+    # the call's value, else the model's generation_config's, else transformers' default (top_k 50)
+    assert names(fastgen.sampling_warpers({}, gc)) == [("TemperatureLogitsWarper", 0.5), ("TopKLogitsWarper", 50)]
+    assert names(fastgen.sampling_warpers({"temperature": 1.0, "top_k": 3}, gc)) == [("TopKLogitsWarper", 3)]
+    assert fastgen.can_sample(gc) and not fastgen.can_sample(GenerationConfig(min_p=0.1))
+
+
+def test_sampling_options_the_fast_path_lacks_go_to_generation_mixin(setup, monkeypatch):
+    model, px, ids, mask = setup
+    monkeypatch.setattr(fastgen, "greedy_generate", lambda *a, **k: pytest.fail("fast path taken"))
+    _generate(model, px, ids, mask, 0, typical_p=0.9)
+    monkeypatch.setattr(model.generation_config, "min_p", 0.1)
+    _generate(model, px, ids, mask, 0)
