@@ -109,10 +109,13 @@ def _load():
             path = None
             try:
                 path = _build()
-                fn = ctypes.CDLL(str(path)).mmgpt_rows_linear
-                fn.restype = None
+                lib = ctypes.CDLL(str(path))
+                fn, fn_i8 = lib.mmgpt_rows_linear, lib.mmgpt_rows_linear_i8
                 i64, ptr = ctypes.c_int64, ctypes.c_void_p
+                fn.restype = fn_i8.restype = None
                 fn.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, ctypes.c_int]
+                fn_i8.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+                _state["fn_i8"] = fn_i8
                 break
             except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as err:
                 why, fn = f"build failed: {err}", None
@@ -135,10 +138,12 @@ def available() -> bool:
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """(in, out) weight -> (P, in, 16) panels of 16 output columns, zero-padded; P = ceil(out / 16)."""
+    """(in, out) weight -> (P, in, 16) panels of 16 output columns, zero-padded; P = ceil(out / 16).
+    An int8 weight stays int8; any other becomes fp32."""
     k, n = weight.shape
     p = -(-n // PANEL)
-    w = F.pad(weight.detach().float(), (0, p * PANEL - n))
+    w = weight.detach() if weight.dtype == torch.int8 else weight.detach().float()
+    w = F.pad(w, (0, p * PANEL - n))
     return w.view(k, p, PANEL).permute(1, 0, 2).contiguous()
 
 
@@ -168,4 +173,41 @@ def rows_linear(weight: torch.Tensor, bias: torch.Tensor | None):
         return out
 
     run.packed = (wp, b)  # keeps the buffers alive with the function
+    return run
+
+
+def rows_linear_int8(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    """-> f(x): x (R, in) fp32 on the CPU -> (x @ qweight) * scale + bias, (R, out), for an int8 weight
+    (in, out) with one fp32 scale per output column (`mmgpt.quantize`). The products run in fp32 on
+    int8 weights widened in registers: a quarter of the bytes of `rows_linear`. Inputs it cannot read
+    (as `rows_linear`) go to torch's addmm on the dequantized weight. Call only when `available()`."""
+    _load()
+    fn = _state.get("fn_i8")
+    if fn is None:
+        raise RuntimeError("mmgpt.kernels.rows_linear_int8 is not available here; check available() first")
+    if qweight.dtype != torch.int8 or scale.shape != (qweight.shape[1],):
+        raise ValueError(f"rows_linear_int8 takes an int8 (in, out) weight and (out,) scales, got "
+                         f"{qweight.dtype} {tuple(qweight.shape)} and {tuple(scale.shape)}")
+    k, n = qweight.shape
+    wp = pack(qweight)
+    p = wp.shape[0]
+    s = scale.detach().float().contiguous()
+    b = None if bias is None else bias.detach().float().contiguous()
+    w_ref = None  # the dequantized weight, made only if an input needs torch's product
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        nonlocal w_ref
+        rows = x.shape[0]
+        if (rows > MAX_ROWS or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2
+                or x.shape[1] != k or torch.is_autocast_enabled("cpu")):
+            if w_ref is None:
+                w_ref = qweight.float() * s
+            return torch.mm(x, w_ref.to(x.dtype)) if b is None else torch.addmm(b.to(x.dtype), x, w_ref.to(x.dtype))
+        x = x.contiguous()
+        out = torch.empty(rows, n, dtype=torch.float32)
+        fn(x.data_ptr(), rows, k, wp.data_ptr(), p, s.data_ptr(), None if b is None else b.data_ptr(), n,
+           out.data_ptr(), torch.get_num_threads())
+        return out
+
+    run.packed = (wp, s, b)
     return run
