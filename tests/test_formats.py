@@ -400,7 +400,7 @@ def test_max_bad_fraction(tmp_path):
         small.check(10, final=True)
     merged = BadDataCounter.from_dict(counter.to_dict())
     merged.merge(small.to_dict())
-    assert merged.total == 7
+    assert merged.total == 6  # small holds one of counter's records: counted once
 
 
 def _wds_keys(spec: dict, world: int, workers: int) -> list[str]:

@@ -299,7 +299,7 @@ def test_vqa_accuracy_leave_one_out():
     assert vqa_accuracy("Two", ["2"] * 3 + ["two"] + ["3"] * 6) == pytest.approx(1.0)  # normalized
     assert vqa_accuracy("The dog.", ["dog"]) == 1.0  # one answer: exact match after normalizing
     assert vqa_accuracy("cat", ["dog"]) == 0.0
-    assert vqa_accuracy("red", ["red"] * 3) == pytest.approx(2 / 3)  # same formula for 3 answers
+    assert vqa_accuracy("red", ["red"] * 3) == 1.0  # not 10 answers: any match counts (tests/test_data_trial.py)
     assert vqa_accuracy("Yes", [{"answer": "yes", "answer_id": i} for i in range(10)]) == 1.0
     with pytest.raises(ValueError):
         vqa_accuracy("red", [])

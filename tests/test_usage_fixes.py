@@ -233,14 +233,14 @@ def test_bad_data_counter_keeps_the_first_distinct_records():
     counter = BadDataCounter(keep=5)
     for _ in range(3):  # three epochs over the same bad records
         counter.add([a, b, c])
-    assert counter.total == 9 and counter.first == [a, b, c]
+    assert counter.total == 3 and counter.repeats == 6 and counter.first == [a, b, c]  # distinct records
     lines = counter.summary(60).splitlines()
     assert lines[1:] == [f"  {a}", f"  {b}", f"  {c}"]
     # round trip (a checkpoint) and merge (another rank) keep them distinct too
     again = BadDataCounter.from_dict(counter.to_dict())
     again.merge(counter)
     again.merge(counter.to_dict())
-    assert again.first == [a, b, c] and again.total == 27
+    assert again.first == [a, b, c] and again.total == 3
     small = BadDataCounter(keep=2)
     small.add([a, a, b, c])
     assert small.first == [a, b]
@@ -260,7 +260,7 @@ def test_bad_data_summary_names_a_text_file_passed_as_image(tmp_path):
     for _epoch in range(3):
         counter.add([r for r in (source[i] for i in range(len(source))) if isinstance(r, BadRecord)])
     summary = counter.summary()
-    assert summary.startswith("9 bad records")
+    assert summary.startswith("3 bad records, read 9 times")  # distinct records, repeats said
     listed = summary.splitlines()[1:]
     assert [line.split(": ")[0].strip() for line in listed] == [f"{data}:5", f"{data}:6", f"{data}:7"]
     assert "not_an_image" in listed[1] and "text.png" in listed[1]

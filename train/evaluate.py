@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from mmgpt.api import check_generation_options
-from train.data.bad import split_bad
+from train.data.bad import BadDataCounter, split_bad
 from train.data.records import image_key
-from train.metrics import CAPTION_METRICS, caption_metrics, retrieval_metrics, vqa_score
+from train.metrics import CAPTION_METRICS, OFFICIAL_ANSWERS, caption_metrics, retrieval_metrics, vqa_score
 
 TASKS = ("caption", "vqa", "retrieval")
 
@@ -48,6 +48,11 @@ class EvalResult:
     # One dict per captioned image ({"task": "caption", "image_id", "image", "caption", "references"})
     # and one per question ({"task": "vqa", "image_id", "image", "question", "answer", "answers", "qtype"}).
     examples: list[dict] = field(default_factory=list)
+    # The bad records skipped, each named (file and line, shard and key, dataset row) with its reason.
+    bad: BadDataCounter = field(default_factory=BadDataCounter)
+    # How many questions each VQA accuracy rule scored (train.metrics.vqa_accuracy): "official_10_answers"
+    # (ten reference answers, the VQAv2 rule) and "any_match" (another number: 1 if any matches).
+    vqa_rules: dict[str, int] = field(default_factory=dict)
 
     def table(self) -> str:
         """The metrics as an aligned two-column table."""
@@ -78,24 +83,37 @@ def _items(records: Iterable) -> Iterable:
         yield from records
 
 
+# How many bad records an evaluation names (all are counted).
+NAMED_BAD = 50
+
+
 def group_records(records: Iterable, max_images: int | None = None) -> tuple[list[ImageGroup], int]:
-    """-> (images in first-seen order, number of bad records skipped).
+    """-> (images in first-seen order, number of bad records skipped); see :func:`read_groups`."""
+    groups, bad = read_groups(records, max_images)
+    return groups, bad.total
+
+
+def read_groups(records: Iterable, max_images: int | None = None) -> tuple[list[ImageGroup], BadDataCounter]:
+    """-> (images in first-seen order, the bad records skipped, counted by reason and named).
 
     Bad records (None or ``BadRecord`` markers) are skipped and counted; lists of records (grouped
-    sources) are flattened. With ``max_images``, reading stops at the first record of a further image.
+    sources) are flattened; conversations (task "chat") are not scored here and are left out. With
+    ``max_images``, reading stops at the first record of a further image.
     """
     groups: dict[Any, ImageGroup] = {}
-    bad_count = 0
+    counter = BadDataCounter(keep=NAMED_BAD)
     index = 0
     for item in _items(records):
         good, bad = split_bad([item])
-        bad_count += len(bad)
+        counter.add(bad)
         for rec in good:
+            if rec.get("task") == "chat":
+                continue
             key = image_key(rec)
             group = groups.get(key)
             if group is None:
                 if max_images is not None and len(groups) >= max_images:
-                    return list(groups.values()), bad_count
+                    return list(groups.values()), counter
                 iid = rec.get("image_id")
                 group = groups[key] = ImageGroup(key=str(iid) if iid is not None else f"image-{index}", image=rec["image"])
                 index += 1
@@ -108,7 +126,7 @@ def group_records(records: Iterable, max_images: int | None = None) -> tuple[lis
                     ref = ref.strip()
                     if ref and ref not in group.references:
                         group.references.append(ref)
-    return list(groups.values()), bad_count
+    return list(groups.values()), counter
 
 
 def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
@@ -181,11 +199,12 @@ def evaluate(
         model.to(device)
     gen = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": False}
 
-    groups, bad = group_records(records, max_images)
+    groups, bad = read_groups(records, max_images)
     captioned = [g for g in groups if g.references]
     questions = [(g, q) for g in groups for q in g.questions]
     metrics: dict[str, float] = {}
     examples: list[dict] = []
+    vqa_rules: dict[str, int] = {}
     was_training = model.training
     model.eval()
     try:
@@ -216,6 +235,9 @@ def evaluate(
             if any(q.qtype for _, q in questions):
                 qtypes = [q.qtype or "other" for _, q in questions]
             metrics.update(vqa_score(answers, [q.answers for _, q in questions], qtypes))
+            # which rule scored them (train.metrics.vqa_accuracy): the official one needs ten answers
+            official = sum(len(q.answers) == OFFICIAL_ANSWERS for _, q in questions)
+            vqa_rules = {"official_10_answers": official, "any_match": n - official}
             examples += [
                 {"task": "vqa", "image_id": g.key, "image": g.image, "question": q.question, "answer": a,
                  "answers": q.answers, "qtype": q.qtype}
@@ -231,5 +253,5 @@ def evaluate(
         model.train(was_training)
     metrics["num_images"] = len(groups)
     metrics["num_questions"] = len(questions)
-    metrics["bad_records"] = bad
-    return EvalResult(metrics=metrics, examples=examples)
+    metrics["bad_records"] = bad.total
+    return EvalResult(metrics=metrics, examples=examples, bad=bad, vqa_rules=vqa_rules)

@@ -19,7 +19,10 @@ VQA — :func:`normalize_vqa_answer`, :func:`vqa_accuracy`, :func:`vqa_score`
     The rules of the official VQAv2 evaluation script (``vqaEval.py``): its punctuation
     handling, number words to digits, articles dropped, its contraction table, and the
     accuracy ``min(#humans that gave the answer / 3, 1)`` averaged over the 10 leave-one-out
-    subsets of the 10 human answers. One deliberate difference: the official script normalizes
+    subsets of the 10 human answers. That rule is defined for exactly ten answers: a question with
+    another number k of reference answers (1, 3, 5, ...) is scored 1 when the prediction matches any
+    of them and 0 otherwise (the official formula would cap three identical answers at 2/3), and
+    :func:`vqa_score` counts the questions scored each way. One deliberate difference: the official script normalizes
     answers only when the 10 human answers disagree (VQAv2 annotations are already normalized)
     and applies only the punctuation step to them; here prediction and every reference answer
     are always fully normalized, so raw references such as ``"two"`` match a prediction
@@ -60,6 +63,7 @@ __all__ = [
     "close_meteor",
     "normalize_vqa_answer",
     "retrieval_metrics",
+    "OFFICIAL_ANSWERS",
     "vqa_accuracy",
     "vqa_score",
 ]
@@ -471,12 +475,15 @@ def normalize_vqa_answer(answer: str) -> str:
     return _vqa_digits_articles(_vqa_punctuation(text))
 
 
+OFFICIAL_ANSWERS = 10  # the official VQAv2 rule is defined for this many human answers
+
+
 def _accuracy_normalized(pred: str, answers: Sequence[str]) -> float:
     n = len(answers)
     if n == 0:
         raise ValueError("vqa_accuracy needs at least one reference answer")
-    if n == 1:
-        return float(pred == answers[0])
+    if n != OFFICIAL_ANSWERS:  # the rule below is defined for ten annotators: k others count any match
+        return float(pred in answers)
     matches = sum(a == pred for a in answers)
     # leave each human answer out in turn; credit min(matches among the others / 3, 1)
     total = sum(min(1.0, (matches - (a == pred)) / 3.0) for a in answers)
@@ -489,14 +496,14 @@ def _answer_text(answer: Any) -> str:
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQA accuracy of one prediction against the human ``answers`` (normally 10).
+    """VQA accuracy of one prediction against the reference ``answers``.
 
-    After :func:`normalize_vqa_answer` on both sides: the mean over the leave-one-out subsets
-    (each answer left out once) of ``min(#answers in the subset equal to the prediction / 3, 1)``.
-    With 10 answers: 0 matches -> 0, 1 -> 0.3, 2 -> 0.6, 3 -> 0.9, 4 or more -> 1.0. Other
-    counts use the same formula (note that with fewer than 4 answers even a prediction that
-    matches them all scores below 1: 2 answers -> at most 1/3, 3 -> at most 2/3); a single
-    answer is scored by exact match. Answers may also be VQAv2 annotation dicts
+    After :func:`normalize_vqa_answer` on both sides. With exactly 10 answers (VQAv2's ten annotators):
+    the official rule, the mean over the leave-one-out subsets (each answer left out once) of
+    ``min(#answers in the subset equal to the prediction / 3, 1)``: 0 matches -> 0, 1 -> 0.3, 2 -> 0.6,
+    3 -> 0.9, 4 or more -> 1.0. With any other count k (1, 3, 5, ...) the official rule is not defined
+    (it would cap a prediction that matches all of 3 answers at 2/3): the score is 1.0 when the
+    prediction matches any of them, else 0.0. Answers may also be VQAv2 annotation dicts
     (``{"answer": ...}``).
     """
     if isinstance(answers, (str, Mapping)):

@@ -36,7 +36,7 @@ def run(args) -> int:
 
     from mmgpt.api import ModelLoadError, load
     from mmgpt.cli import UserError
-    from train.data import DataError, build_source, parse_source
+    from train.data import DataError, DataWarning, build_source, parse_source
     from train.evaluate import evaluate
     from train.metrics import CAPTION_METRICS, MetricsWarning
 
@@ -45,10 +45,14 @@ def run(args) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.max_images is not None and args.max_images < 1:
         raise UserError(f"--max-images must be at least 1, got {args.max_images}")
-    try:
-        source = build_source(parse_source(args.data))
-    except (DataError, ValueError, OSError) as err:
-        raise UserError(f"--data: {err}") from None
+    caught = []  # what the readers and scorers noticed, said as notes below
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always", DataWarning)
+        try:
+            source = build_source(parse_source(args.data))
+        except (DataError, ValueError, OSError) as err:
+            raise UserError(f"--data: {err}") from None
+    caught += got
     try:
         vl = load(args.model, device=args.device)
     except ModelLoadError as err:
@@ -58,23 +62,44 @@ def run(args) -> int:
 
     tasks = ("caption", "vqa", "retrieval") if args.task == "all" else (args.task,)
     scorers = tuple(m for m in CAPTION_METRICS if not (args.no_meteor and m == "meteor"))
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as got:
         warnings.simplefilter("always", MetricsWarning)
+        warnings.simplefilter("always", DataWarning)
         try:
             result = evaluate(vl.model, vl.processor, source, tasks=tasks, batch_size=args.batch_size,
                               max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                               max_images=args.max_images, caption_scorers=scorers)
         except DataError as err:
             raise UserError(f"--data: {err}") from None
+    caught += got
+    said = set()
     for w in caught:
-        if issubclass(w.category, MetricsWarning):
+        if issubclass(w.category, (MetricsWarning, DataWarning)) and str(w.message) not in said:
+            said.add(str(w.message))
             print(f"mmgpt eval: note: {w.message}", file=sys.stderr)
     m = result.metrics
     if m["num_images"] == 0:
-        raise UserError(f"--data: {args.data} gave no usable records ({m['bad_records']} bad)")
+        print_bad(result.bad)
+        named = ", named above" if m["bad_records"] else ""
+        raise UserError(f"--data: {args.data} gave no usable records ({m['bad_records']} bad{named})")
     if "vqa" in tasks and m["num_questions"] == 0 and args.task != "all":
         print("mmgpt eval: note: the data has no questions; no VQA metrics", file=sys.stderr)
-    if m["bad_records"]:
-        print(f"mmgpt eval: note: skipped {m['bad_records']} bad records", file=sys.stderr)
-    print(json.dumps(m) if args.json else result.table(), flush=True)
+    rules = result.vqa_rules
+    if rules.get("any_match"):
+        print(f"mmgpt eval: note: VQA accuracy: {rules['official_10_answers']} questions with 10 reference answers "
+              f"scored by the official VQAv2 rule, {rules['any_match']} with another number of answers scored 1 "
+              "when the answer matches any of them (docs/guide.md, 'VQA accuracy')", file=sys.stderr)
+    print_bad(result.bad)
+    out = dict(m, bad=result.bad.records, **({"vqa_rules": rules} if rules else {})) if args.json else None
+    print(json.dumps(out) if args.json else result.table(), flush=True)
     return 0
+
+
+def print_bad(bad) -> None:
+    """The bad records skipped, each named with its reason (as training names them), on stderr."""
+    if not bad.total:
+        return
+    more = bad.total - len(bad.first)
+    print(f"mmgpt eval: note: skipped {bad.summary().replace('; first:', ':')}", file=sys.stderr)
+    if more > 0:
+        print(f"  ... and {more} more", file=sys.stderr)

@@ -5,7 +5,7 @@
 ``accelerate`` nor ``mmgpt``; ``datasets`` is imported only when a Hugging Face source is built.
 """
 
-from train.data.bad import BadDataCounter, BadRecord, DataError, SkipBad, split_bad
+from train.data.bad import BadDataCounter, BadRecord, DataError, DataWarning, SkipBad, split_bad
 from train.data.export import write_shapes_imagefolder
 from train.data.records import Entry, IndexedSource, make_entry
 from train.data.shapes import (
@@ -24,6 +24,7 @@ __all__ = [
     "BadDataCounter",
     "BadRecord",
     "DataError",
+    "DataWarning",
     "Entry",
     "IndexedSource",
     "ShapeObject",

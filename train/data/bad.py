@@ -24,10 +24,19 @@ EMPTY_FILE = "empty_file"
 CORRUPT_IMAGE = "corrupt_image"
 NOT_AN_IMAGE = "not_an_image"
 EMPTY_TEXT = "empty_text"
+# Conversations (train.data.chat): the images and their places disagree, or nothing to learn from.
+IMAGE_COUNT = "image_count"  # <image> placeholders (or image parts) and the images given differ in number
+NO_ASSISTANT = "no_assistant_turn"
+EMPTY_ASSISTANT = "empty_assistant_turn"
+BAD_CONVERSATION = "bad_conversation"  # a turn of an unknown role, a message that is not a dict, ...
 
 
 class DataError(ValueError):
     """A data source is unusable: a schema error, or too many bad records."""
+
+
+class DataWarning(UserWarning):
+    """Something a reader noticed and went on with (keys of a record it does not use); said once."""
 
 
 @dataclass(frozen=True)
@@ -91,23 +100,36 @@ class SkipBad:
 
 
 class BadDataCounter:
-    """Counts bad records by reason and keeps the first few distinct ones for the error message.
+    """Counts distinct bad records by reason and keeps the first few for the error message.
 
-    Every occurrence is counted (a bad record read again in the next epoch counts again, as the
-    records seen do), but ``first`` holds each record (reason and place) once.
+    A record is known by its reason and place (``where``): read again in the next epoch it is not
+    counted again (``repeats`` counts those reads), so ``total`` is the number of distinct bad records,
+    to judge against the number of distinct records seen. ``first`` holds the first ``keep`` of them.
     """
 
     def __init__(self, keep: int = 5):
         self.keep = keep
         self.by_reason: Counter[str] = Counter()
         self.first: list[BadRecord] = []
+        self.repeats = 0
+        self._keys: set[tuple[str, str]] = set()
 
     @property
     def total(self) -> int:
         return sum(self.by_reason.values())
 
+    @property
+    def records(self) -> list[BadRecord]:
+        """The kept records (``first``), as a list of dicts ``{"where", "reason", "detail"}``."""
+        return [{"where": b.where, "reason": b.reason, "detail": b.detail} for b in self.first]
+
     def add(self, bad: BadRecord | Iterable[BadRecord]) -> None:
         for b in [bad] if isinstance(bad, BadRecord) else bad:
+            key = (b.reason, b.where)
+            if key in self._keys:
+                self.repeats += 1
+                continue
+            self._keys.add(key)
             self.by_reason[b.reason] += 1
             self._keep(b)
 
@@ -117,33 +139,54 @@ class BadDataCounter:
             self.first.append(b)
 
     def merge(self, other: BadDataCounter | dict) -> None:
-        """Add another counter (or its ``to_dict()``, e.g. gathered from another rank)."""
+        """Add another counter (or its ``to_dict()``, e.g. gathered from another rank): records both
+        counted are counted once."""
         other = BadDataCounter.from_dict(other) if isinstance(other, dict) else other
-        self.by_reason.update(other.by_reason)
+        self.repeats += other.repeats
+        for key in other._keys:
+            if key in self._keys:
+                self.repeats += 1
+            else:
+                self._keys.add(key)
+                self.by_reason[key[0]] += 1
+        # counted before records were known by place (an old checkpoint): add its counts as they are
+        self.by_reason.update(other._unkeyed())
         for b in other.first:
             self._keep(b)
+
+    def _unkeyed(self) -> Counter[str]:
+        keyed = Counter(reason for reason, _ in self._keys)
+        return Counter({r: n - keyed[r] for r, n in self.by_reason.items() if n > keyed[r]})
 
     def to_dict(self) -> dict:
         return {
             "by_reason": dict(self.by_reason),
             "first": [[b.reason, b.where, b.detail] for b in self.first],
+            "keys": sorted([list(k) for k in self._keys]),
+            "repeats": self.repeats,
         }
 
     @classmethod
     def from_dict(cls, d: dict, keep: int = 5) -> BadDataCounter:
         c = cls(keep=keep)
         c.by_reason.update(d.get("by_reason", {}))
+        c._keys = {(str(r), str(w)) for r, w in d.get("keys", [])}
+        c.repeats = int(d.get("repeats", 0))
         for b in d.get("first", []):
             c._keep(BadRecord(*b))
         return c
 
     def summary(self, total_seen: int | None = None) -> str:
+        """``N bad records of M seen (x%) (reason: n, ...); first:`` and one line per kept record.
+        ``total_seen`` is the number of distinct records read (good and bad)."""
         if not self.total:
             return "no bad records"
         reasons = ", ".join(f"{r}: {n}" for r, n in self.by_reason.most_common())
         head = f"{self.total} bad records"
         if total_seen:
             head += f" of {total_seen} seen ({self.total / total_seen:.1%})"
+        if self.repeats:
+            head += f", read {self.total + self.repeats} times over the epochs"
         lines = [f"{head} ({reasons}); first:"]
         lines += [f"  {b}" for b in self.first]
         return "\n".join(lines)
@@ -151,13 +194,14 @@ class BadDataCounter:
     def check(
         self, total_seen: int, max_bad_fraction: float = 0.01, min_seen: int = 100, final: bool = False
     ) -> None:
-        """Raise :class:`DataError` if more than ``max_bad_fraction`` of ``total_seen`` records
-        (good and bad together) were bad. Judged only once ``min_seen`` records were seen, or
-        at the end (``final=True``)."""
+        """Raise :class:`DataError` if more than ``max_bad_fraction`` of the ``total_seen`` distinct
+        records (good and bad together) were bad. Judged only once ``min_seen`` records were seen, or
+        at the end (``final=True``: e.g. after a whole pass over the data)."""
         if total_seen <= 0 or (total_seen < min_seen and not final):
             return
         if self.total / total_seen > max_bad_fraction:
             raise DataError(
-                f"too many bad records (more than max_bad_fraction={max_bad_fraction:g}): "
-                + self.summary(total_seen)
+                f"too many bad records (more than data.max_bad_fraction={max_bad_fraction:g} of the records "
+                "read): " + self.summary(total_seen) + "\nfix or remove the records named, or raise "
+                "data.max_bad_fraction to train on the rest"
             )

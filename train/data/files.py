@@ -57,6 +57,11 @@ def read_jsonl_entries(path: str | Path, columns: Mapping[str, str] | None = Non
                 raise DataError(f"{where}: not valid JSON ({e})") from e
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
+            if not columns and ("conversations" in row or "messages" in row):  # a conversation
+                from train.data.chat import chat_entry_from_row
+
+                entries.append(chat_entry_from_row(row, where, root))
+                continue
             mapping = resolve_columns(row, columns)
             if "image" not in mapping or not any(r in mapping for r in TEXT_ROLES):
                 check_schema(where, row, {}, columns, noun="keys")  # raises, naming the keys found
@@ -108,15 +113,61 @@ def read_csv_entries(path: str | Path, columns: Mapping[str, str] | None = None)
     return entries
 
 
-def metadata_file(folder: str | Path, split: str | None = None) -> Path:
-    """The ``metadata.jsonl`` / ``metadata.csv`` of an imagefolder (or of its ``split`` sub-folder)."""
+# The split folder names `datasets` recognises (data_files.py's split keywords), by split.
+SPLIT_FOLDERS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "val", "dev"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
+METADATA = ("metadata.jsonl", "metadata.csv")
+
+
+def _has_metadata(folder: Path) -> bool:
+    return any((folder / n).is_file() for n in METADATA)
+
+
+def split_folders(folder: str | Path) -> dict[str, Path]:
+    """The split sub-folders of an imagefolder (``DIR/train/metadata.jsonl`` ...), by split name: a folder
+    named as `datasets` names splits (``val`` -> validation) or any other sub-folder with metadata."""
     folder = Path(folder)
-    if split and (folder / split).is_dir():
-        folder = folder / split
-    found = [folder / n for n in ("metadata.jsonl", "metadata.csv") if (folder / n).is_file()]
+    if not folder.is_dir():
+        return {}
+    alias = {name: split for split, names in SPLIT_FOLDERS.items() for name in names}
+    found = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and _has_metadata(p)):
+        found.setdefault(alias.get(sub.name.lower(), sub.name), sub)
+    return found
+
+
+def metadata_file(folder: str | Path, split: str | None = None) -> Path:
+    """The ``metadata.jsonl`` / ``metadata.csv`` of an imagefolder, or of its ``split`` sub-folder.
+
+    As ``datasets.load_dataset("imagefolder", data_dir=DIR)`` reads it: metadata in ``DIR`` itself, or in
+    split folders ``DIR/train/``, ``DIR/test/``, ``DIR/val/`` ...; without a split, ``train``."""
+    folder = Path(folder)
+    splits = split_folders(folder) if not _has_metadata(folder) or split else {}
+    if split:
+        names = {split, *SPLIT_FOLDERS.get(split, ())}
+        sub = splits.get(split) or next((p for p in splits.values() if p.name in names), None)
+        if sub is None and (folder / split).is_dir():
+            sub = folder / split  # no metadata there: the error below names what it holds
+        if sub is None and not splits and split == "train" and _has_metadata(folder):
+            sub = folder  # a folder without split folders is all train, as for `datasets`
+        if sub is None:
+            have = ", ".join(splits) or "none"
+            raise DataError(f"{folder}: no split folder {split!r} with metadata.jsonl or metadata.csv "
+                            f"(split folders: {have})")
+        folder = sub
+    elif splits:
+        if "train" not in splits:
+            raise DataError(f"{folder}: split folders {', '.join(splits)} and no train split; name one, e.g. "
+                            f"imagefolder:{folder}:{next(iter(splits))}")
+        folder = splits["train"]
+    found = [folder / n for n in METADATA if (folder / n).is_file()]
     if not found:
         raise DataError(
-            f"{folder}: expected an imagefolder with metadata.jsonl or metadata.csv; "
+            f"{folder}: expected an imagefolder with metadata.jsonl or metadata.csv (or split folders "
+            "train/, test/ ... holding them); "
             + (
                 f"found {sorted(p.name for p in folder.iterdir())[:20]}"
                 if folder.is_dir()

@@ -11,6 +11,10 @@ A record is a dict::
      "image_source": str,      # where the image was read from (its path, or dataset and row)
      "qtype": str}             # question type (shapes)
 
+A conversation (``task`` "chat", read by ``train.data.chat``) is the record ``mmgpt.conversation`` fixes:
+``{"task": "chat", "messages": [...], "images": [PIL.Image, ...], "image": images[0] or None, "prompt": "",
+"target": "", "image_id", "image_source"}``.
+
 For captions ``prompt`` is "" and ``target`` the caption; for VQA ``prompt`` is the raw
 question (the processor applies the template) and ``target`` the answer. Records of one image
 share its ``image_id``, or, when the source has none, its ``image_source`` (:func:`image_key`).
@@ -51,6 +55,9 @@ ROLES: dict[str, tuple[str, ...]] = {
     "image_id": ("image_id",),
     "qtype": ("qtype", "question_type"),
     "references": ("references", "captions"),
+    # several questions of one image: [{"question", "answer" or "answers"}, ...], or questions as strings
+    # with a parallel list of answers in the answers column
+    "questions": ("questions", "qa", "qas", "qa_pairs"),
 }
 TEXT_ROLES = ("caption", "question", "answer", "answers")
 
@@ -71,6 +78,11 @@ class Entry:
     references: list[str] | None = None
     image_id: str | None = None
     qtype: str | None = None
+    # conversations (task "chat"): normalized messages and their image references in order, or the
+    # (reason, detail) that makes the record bad, found when it was indexed
+    messages: list | None = None
+    images: list | None = None
+    bad: tuple[str, str] | None = None
 
 
 def clean_text(value: Any) -> str:
@@ -146,7 +158,7 @@ def check_schema(
 ) -> None:
     """Raise :class:`DataError` unless ``mapping`` has an image and a caption or a question with
     an answer. The message names ``where``, what was expected and the columns found."""
-    has_text = "caption" in mapping or (
+    has_text = "caption" in mapping or "questions" in mapping or (
         "question" in mapping and ("answer" in mapping or "answers" in mapping)
     )
     if "image" in mapping and has_text:
@@ -169,6 +181,9 @@ def entries_from_row(row: Mapping[str, Any], mapping: dict[str, str], image: Any
     """The entries of a row (dict) under a role -> column mapping: one, or one per caption when
     the caption cell holds a list (each with all of them as references)."""
     fields = {role: row.get(col) for role, col in mapping.items() if role != "image"}
+    questions = fields.pop("questions", None)
+    if questions:
+        return question_entries(questions, fields, image, where)
     captions = fields.get("caption")
     if isinstance(captions, (list, tuple)) and not fields.get("question"):
         refs = fields.pop("references", None) or captions
@@ -177,6 +192,33 @@ def entries_from_row(row: Mapping[str, Any], mapping: dict[str, str], image: Any
             for k, c in enumerate(captions)
         ] or [make_entry(image, where, **dict(fields, caption=""))]
     return [make_entry(image, where, **fields)]
+
+
+def question_entries(questions: Any, fields: dict, image: Any, where: str) -> list[Entry]:
+    """The entries of a row that holds several questions of one image: its caption (if any), then one
+    VQA entry per question. ``questions`` is a list of ``{"question", "answer" and/or "answers"}`` dicts,
+    or of question strings with ``fields["answers"]`` the parallel list of answers (each a string or a
+    list). Anything else is one ``empty_text`` entry naming the field."""
+    shared = {k: fields.get(k) for k in ("image_id",)}
+    out = []
+    if clean_text(fields.get("caption")):
+        out.append(make_entry(image, where, caption=fields["caption"], references=fields.get("references"), **shared))
+    parallel = fields.get("answers")
+    if not isinstance(questions, (list, tuple)):
+        return out + [make_entry(image, f"{where} questions", question="", answer="", **shared)]
+    for k, q in enumerate(questions):
+        here = f"{where} question {k}"
+        if isinstance(q, str):
+            ans = parallel[k] if isinstance(parallel, (list, tuple)) and k < len(parallel) else None
+            many = ans if isinstance(ans, (list, tuple)) else None
+            out.append(make_entry(image, here, question=q, answer=None if many else ans, answers=many, **shared))
+        elif isinstance(q, Mapping):
+            out.append(make_entry(image, here, question=q.get("question", q.get("q")),
+                                  answer=q.get("answer", q.get("a")), answers=q.get("answers"),
+                                  qtype=q.get("qtype", q.get("question_type")), **shared))
+        else:
+            out.append(make_entry(image, here, question="", answer="", **shared))
+    return out
 
 
 def image_source(ref: Any) -> str | None:
@@ -257,9 +299,35 @@ def to_record(e: Entry, image: Any, source: str | None = None) -> dict:
     return rec
 
 
+def chat_record(e: Entry, image_refs: list | None = None) -> dict | BadRecord:
+    """A conversation entry's record: every image loaded (``image_refs`` replace the entry's own), or
+    the bad marker of the first that cannot be, or of the conversation itself."""
+    if e.bad is not None:
+        return BadRecord(e.bad[0], e.where, e.bad[1])
+    refs = list(e.images or []) if image_refs is None else list(image_refs)
+    images, sources = [], []
+    for k, ref in enumerate(refs):
+        image = read_image(ref, e.where)
+        if isinstance(image, BadRecord):
+            detail = f"image {k + 1} of {len(refs)}: {image.detail}" if len(refs) > 1 else image.detail
+            return BadRecord(image.reason, e.where, detail)
+        images.append(image)
+        sources.append(image_source(ref))
+    rec = {"task": "chat", "messages": e.messages, "images": images, "image": images[0] if images else None,
+           "prompt": "", "target": ""}
+    if e.image_id is not None:
+        rec["image_id"] = e.image_id
+    if images:  # the conversation's images, known by the first one's file (or by where the record is)
+        rec["image_source"] = sources[0] if len(images) == 1 and sources[0] else (
+            "|".join(s or f"{e.where} image {k}" for k, s in enumerate(sources)))
+    return rec
+
+
 def entry_to_record(e: Entry, image_ref: Any = None, source: str | None = None) -> dict | BadRecord:
     """Load the entry's image (or ``image_ref`` when given) and build its record, or return a
     bad marker. ``source`` names where the image came from (default: its path, if it has one)."""
+    if e.task == "chat":
+        return chat_record(e, image_ref)
     if not e.target or (e.task == "vqa" and not e.prompt):
         what = "question" if e.target else ("answer" if e.task == "vqa" else "caption")
         return BadRecord(EMPTY_TEXT, e.where, f"empty {what}")

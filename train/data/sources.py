@@ -6,11 +6,12 @@ A spec is a dict (from YAML or the command line) checked once into the typed
 
     {"format": "jsonl", "path": "data/train.jsonl"}
     {"format": "csv", "path": "data/train.csv", "columns": {"caption": "description"}}
-    {"format": "imagefolder", "path": "data/folder"}
+    {"format": "imagefolder", "path": "data/folder"}     # or data/folder/train/ ...: "split": "train"
     {"format": "coco", "annotations": "captions_train2014.json", "images": "train2014/"}
     {"format": "vqav2", "questions": "q.json", "annotations": "a.json", "images": "train2014/"}
     {"format": "hf", "name": "user/set" or "saved/folder", "split": "train", "columns": {...}}
     {"format": "webdataset", "urls": "shards/{000..003}.tar", "shuffle_buffer": 1000}
+    {"format": "llava", "path": "llava_instruct.json", "images": "coco/train2017/"}
     {"format": "shapes", "split": "train", "size": 10000, "image_size": 64}
 """
 
@@ -31,6 +32,7 @@ FORMAT_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # format ->
     "coco": (("annotations", "images"), _LIMIT),
     "vqav2": (("questions", "annotations", "images"), ("split", "image_pattern") + _LIMIT),
     "hf": (("name",), ("split", "columns") + _LIMIT),
+    "llava": (("path",), ("images",) + _LIMIT),
     "webdataset": (("urls",), ("shuffle_buffer", "seed", "rank", "world_size")),
     "shapes": ((), ("split", "size", "image_size", "task_mix", "seed", "grouped", "single_object_first",
                       "shape_pairs", "hard_negatives")),
@@ -48,7 +50,7 @@ class SourceSpec:
     """A typed data source description; build one with :meth:`from_dict`, which checks keys."""
 
     format: str
-    path: str | None = None  # jsonl, csv, imagefolder
+    path: str | None = None  # jsonl, csv, imagefolder, llava
     name: str | None = None  # hf: hub name or save_to_disk folder
     split: str | None = (
         None  # hf (default train), shapes (default train), imagefolder sub-folder, vqav2 subtype
@@ -56,7 +58,7 @@ class SourceSpec:
     columns: dict[str, str] | None = None  # role -> column, roles: image caption question answer answers ...
     annotations: str | None = None  # coco, vqav2
     questions: str | None = None  # vqav2
-    images: str | None = None  # coco, vqav2: image folder
+    images: str | None = None  # coco, vqav2, llava: image folder (llava: default the JSON's folder)
     image_pattern: str = "COCO_{subtype}_{image_id:012d}.jpg"  # vqav2
     urls: str | list[str] | None = None  # webdataset
     shuffle_buffer: int = 1000  # webdataset
@@ -144,9 +146,13 @@ def build_source(spec: dict | SourceSpec | str) -> Dataset:
             spec.questions, spec.annotations, spec.images, spec.split, spec.image_pattern, spec.limit
         )
     if fmt == "hf":
-        from train.data.hf import HFSource
+        from train.data.hf import hf_source
 
-        return HFSource(spec.name, spec.split, spec.columns, spec.limit)
+        return hf_source(spec.name, spec.split, spec.columns, spec.limit)
+    if fmt == "llava":
+        from train.data.chat import read_llava
+
+        return read_llava(spec.path, spec.images, spec.limit)
     if fmt == "webdataset":
         from train.data.webdataset import WebDatasetSource
 
@@ -163,11 +169,12 @@ SHORT_FORMS = (
     "shapes[:SPLIT[:SIZE[:IMAGE_SIZE]]]",
     "jsonl:PATH",
     "csv:PATH",
-    "imagefolder:PATH",
+    "imagefolder:PATH[:SPLIT]",
     "coco:ANNOTATIONS.json:IMAGES_DIR",
     "vqav2:QUESTIONS.json:ANNOTATIONS.json:IMAGES_DIR",
     "hf:NAME_OR_DIR[:SPLIT]",
     "wds:URL_PATTERN",
+    "llava:FILE.json[:IMAGES_DIR]",
     "PATH (.jsonl, .csv, .tar, an imagefolder or a save_to_disk folder)",
 )
 
@@ -187,6 +194,10 @@ def _infer_format(path: str) -> dict:
         if is_saved_dataset(p):
             return {"format": "hf", "name": path}
         if any((p / m).is_file() for m in ("metadata.jsonl", "metadata.csv")):
+            return {"format": "imagefolder", "path": path}
+        from train.data.files import split_folders
+
+        if split_folders(p):  # DIR/train/metadata.jsonl ...: read as `datasets` does, train by default
             return {"format": "imagefolder", "path": path}
     raise ValueError(f"cannot tell the data format of {path!r}; use one of: {'; '.join(SHORT_FORMS)}")
 
@@ -214,7 +225,13 @@ def parse_source(short: str) -> dict:
     if fmt in ("jsonl", "csv", "imagefolder"):
         if not rest:
             raise ValueError(f"bad data source {short!r}; expected {fmt}:PATH")
+        path, _, split = rest.rpartition(":")
+        if fmt == "imagefolder" and path and split and "/" not in split and not Path(rest).exists():
+            return {"format": fmt, "path": path, "split": split}  # imagefolder:DIR:SPLIT
         return {"format": fmt, "path": rest}
+    if fmt == "llava":
+        need(1, 2, "llava:FILE.json[:IMAGES_DIR]")
+        return {"format": "llava", "path": parts[0], **({"images": parts[1]} if len(parts) == 2 else {})}
     if fmt == "coco":
         need(2, 2, SHORT_FORMS[4])
         return {"format": "coco", "annotations": parts[0], "images": parts[1]}

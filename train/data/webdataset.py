@@ -3,7 +3,12 @@
 A shard is a tar whose members are grouped into samples by key (the member path up to the
 first dot of its file name): ``{key}.jpg|jpeg|png|webp`` is the image, ``{key}.txt`` a
 caption, ``{key}.json`` a caption (``caption``/``text``) or a question with
-``answer``/``answers`` (plus optional ``image_id``, ``qtype``, ``references``).
+``answer``/``answers`` (plus optional ``image_id``, ``qtype``, ``references``), and/or a list of
+questions (``questions``: ``[{"question", "answer" or "answers"}, ...]``, or question strings with
+``answers`` the parallel list), each a record of the sample's image; or a conversation
+(LLaVA's ``conversations``, or ``messages``; several images as ``{key}.0.png``, ``{key}.1.png`` ...,
+in name order; see ``train.data.chat``). Keys of the ``.json`` that the reader does not use are
+said once (a ``DataWarning``).
 
 Splitting: every (rank, DataLoader worker) pair reads a disjoint part. With at least as many
 shards as readers, shards go round-robin (after a per-epoch shuffle shared by all ranks);
@@ -26,8 +31,10 @@ from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from train.data.bad import EMPTY_TEXT, BadRecord, DataError
-from train.data.records import entry_to_record, make_entry, resolve_columns
+import warnings
+
+from train.data.bad import EMPTY_TEXT, BadRecord, DataError, DataWarning
+from train.data.records import ROLES, entries_from_row, entry_to_record, make_entry, read_image, resolve_columns
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 BAD_JSON = "bad_json"  # a sample's .json does not parse
@@ -98,9 +105,22 @@ def iter_tar_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, parts
 
 
-def sample_to_record(key: str, parts: dict[str, bytes], where: str) -> dict | BadRecord:
-    """One WebDataset sample as a record (or a bad marker)."""
-    image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+def _image_members(parts: dict[str, bytes]) -> list[bytes]:
+    """The sample's images: ``jpg`` ... as before, else ``0.png``, ``1.png`` ... in name order."""
+    plain = [parts[e] for e in IMAGE_EXTS if e in parts]
+    if plain:
+        return plain[:1]
+    named = sorted(e for e in parts if e.rsplit(".", 1)[-1] in IMAGE_EXTS)
+    return [parts[e] for e in named]
+
+
+def sample_to_record(
+    key: str, parts: dict[str, bytes], where: str, unused: set[str] | None = None
+) -> dict | BadRecord | list:
+    """One WebDataset sample as a record, a bad marker, or a list of them (the records of one image: a
+    caption and its questions). Keys of the ``.json`` the reader does not use are added to ``unused``."""
+    images = _image_members(parts)
+    image = images[0] if images else None
     if "json" in parts:
         try:
             row = json.loads(parts["json"].decode("utf-8"))
@@ -108,15 +128,29 @@ def sample_to_record(key: str, parts: dict[str, bytes], where: str) -> dict | Ba
             return BadRecord(BAD_JSON, where, str(e))
         if not isinstance(row, dict):
             return BadRecord(BAD_JSON, where, f"expected a JSON object, got {type(row).__name__}")
+        if "conversations" in row or "messages" in row:
+            from train.data.chat import LLAVA_KEYS, chat_entry_from_row
+
+            if unused is not None:
+                unused |= set(row) - set(LLAVA_KEYS) - {"messages", "image_id"}
+            return entry_to_record(chat_entry_from_row(row, where, images=images))
         mapping = {r: c for r, c in resolve_columns(row).items() if r != "image"}
-        fields = {role: row.get(col) for role, col in mapping.items()}
-        fields.setdefault("image_id", key)
-        entry = make_entry(image, where, **fields)
+        if unused is not None:
+            unused |= set(row) - set(mapping.values()) - set(ROLES["image"])
+        row = dict(row)
+        if "image_id" not in mapping:
+            mapping["image_id"], row["__key__"] = "__key__", key
+        entries = entries_from_row(row, mapping, image, where)
     elif "txt" in parts:
-        entry = make_entry(image, where, caption=parts["txt"].decode("utf-8", "replace"), image_id=key)
+        entries = [make_entry(image, where, caption=parts["txt"].decode("utf-8", "replace"), image_id=key)]
     else:
         return BadRecord(EMPTY_TEXT, where, f"no .txt or .json in sample (found {sorted(parts)})")
-    return entry_to_record(entry)
+    if len(entries) == 1:
+        return entry_to_record(entries[0])
+    decoded = read_image(image, where)  # once for all the records of the sample
+    if isinstance(decoded, BadRecord):
+        return decoded
+    return [entry_to_record(e, decoded) for e in entries]
 
 
 def _shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -198,8 +232,18 @@ class WebDatasetSource(IterableDataset):
         if shuffle:
             rng = random.Random(f"wds-samples-{self.seed}-{self.epoch}-{index}")
             stream = _shuffled(stream, self.shuffle_buffer, rng)
+        unused: set[str] = set()
+        told = False
         for item in stream:
-            yield item if isinstance(item, BadRecord) else sample_to_record(*item)
+            if isinstance(item, BadRecord):
+                yield item
+                continue
+            yield sample_to_record(*item, unused=unused)
+            if unused and not told:  # once per reader
+                told = True
+                warnings.warn(f"WebDataset {item[2]}: keys {sorted(unused)} of the sample's .json are not read "
+                              "(read: caption/text, question with answer/answers, questions, conversations or "
+                              "messages, image_id, qtype, references)", DataWarning, stacklevel=2)
 
     def __repr__(self) -> str:
         return f"WebDatasetSource({len(self.shards)} shards, shuffle_buffer={self.shuffle_buffer})"
