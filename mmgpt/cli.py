@@ -19,6 +19,7 @@ COMMANDS = {
     "data": ("mmgpt.commands.data", "write data sets (the built-in shapes world) to disk"),
     "serve": ("mmgpt.commands.serve", "serve a model over HTTP with a web page"),
     "explain": ("mmgpt.commands.explain", "draw where the decoder looked for each generated word"),
+    "export": ("mmgpt.commands.export", "export a model folder to ONNX (onnxruntime, transformers.js)"),
 }
 
 

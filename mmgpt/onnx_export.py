@@ -1,0 +1,224 @@
+"""Export an mmgpt model (cross-attention fusion) to ONNX in the encoder-decoder layout of optimum /
+transformers.js for vision-to-text models:
+
+    DIR/onnx/encoder_model.onnx          pixel_values (B, 3, S, S) -> last_hidden_state (B, K, D): the
+                                         adapter output the decoder cross-attends to
+    DIR/onnx/decoder_model.onnx          first step: input_ids (B, T), attention_mask (B, T),
+                                         encoder_hidden_states (B, K, D) -> logits (B, T, V) and
+                                         present.{i}.decoder.key/value (B, H, T, hd),
+                                         present.{i}.encoder.key/value (B, H, K, hd)
+    DIR/onnx/decoder_with_past_model.onnx  later steps: input_ids (B, 1), attention_mask (B, P + 1),
+                                         past_key_values.{i}.decoder/encoder.key/value
+                                         -> logits (B, 1, V), present.{i}.decoder.key/value (B, H, P + 1, hd)
+    DIR/config.json, generation_config.json, tokenizer files, mmgpt_processor.json (the processor)
+
+Two decoder graphs rather than optimum's `decoder_model_merged.onnx` (one graph with an `If` on
+`use_cache_branch`): torch's exporter writes each branch as its own graph; merging them needs optimum's
+graph merger, which does not take this model type. Runtimes that read the pair (optimum's
+ORTModelForVision2Seq with use_merged=False, mmgpt.onnx_runner) run it as is.
+
+The graphs are written with torch's TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`), opset
+17. The decoder step is written out here over the model's own GPT-2 modules (attention spelled out as
+matmul + softmax, which every runtime has), so the graphs carry the cache as plain tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+OPSET = 17
+ONNX_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
+
+
+class ExportError(ValueError):
+    """A model this exporter cannot write (one line, says why)."""
+
+
+def _heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    b, t, d = x.shape
+    return x.view(b, t, n_head, d // n_head).transpose(1, 2)  # (B, H, T, hd)
+
+
+def _attend(q, k, v, scale: float, mask=None) -> torch.Tensor:
+    """q (B, H, T, hd), k/v (B, H, S, hd), mask additive (B, 1, T, S) -> (B, T, H*hd)."""
+    w = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, T, S)
+    if mask is not None:
+        w = w + mask
+    out = torch.matmul(torch.softmax(w, dim=-1), v)  # (B, H, T, hd)
+    b, h, t, hd = out.shape
+    return out.transpose(1, 2).reshape(b, t, h * hd)
+
+
+class EncoderGraph(nn.Module):
+    """pixel_values -> the adapter's tokens (the cross-attention memory)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model.encode_image(pixel_values).tokens  # (B, K, D)
+
+
+class DecoderGraph(nn.Module):
+    """One decoder call over explicit cache tensors: without past (the prompt, cross-attention keys and
+    values computed from encoder_hidden_states) or with past (one token; every key and value given)."""
+
+    def __init__(self, model, with_past: bool):
+        super().__init__()
+        self.model, self.with_past = model, with_past
+        self.tr = model.decoder.transformer
+        self.lm_head = model.decoder.lm_head
+        self.n_head = model.decoder.config.n_head
+        self.cross = [i >= model.k for i in range(len(self.tr.h))]
+
+    def forward(self, input_ids, attention_mask, *rest):
+        # rest: encoder_hidden_states (no past), or per layer (dec k, dec v[, enc k, enc v]) (with past)
+        t = input_ids.shape[1]
+        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -t:]  # (B, T), left padding as in the model
+        h = self.tr.wte(input_ids) + self.tr.wpe(pos)  # (B, T, D)
+        s = attention_mask.shape[1]  # past + T
+        q_pos = torch.arange(t, device=h.device).view(-1, 1) + (s - t)  # (T, 1)
+        k_pos = torch.arange(s, device=h.device).view(1, -1)  # (1, S)
+        allowed = (k_pos <= q_pos).unsqueeze(0) & attention_mask.bool().unsqueeze(1)  # (B, T, S)
+        mask = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(h.dtype).min).unsqueeze(1)  # (B, 1, T, S)
+        presents = []
+        j = 0
+        for i, blk in enumerate(self.tr.h):
+            a = blk.attn
+            q, k, v = a.c_attn(blk.ln_1(h)).split(a.split_size, dim=2)  # (B, T, D) each
+            q, k, v = _heads(q, self.n_head), _heads(k, self.n_head), _heads(v, self.n_head)
+            if self.with_past:
+                k = torch.cat([rest[j], k], dim=2)  # (B, H, P + T, hd)
+                v = torch.cat([rest[j + 1], v], dim=2)
+                j += 2
+            presents += [k, v]
+            h = h + a.c_proj(_attend(q, k, v, a.scaling, mask))
+            if self.cross[i]:
+                c = blk.crossattention
+                cq = _heads(c.q_attn(blk.ln_cross_attn(h)), self.n_head)  # (B, H, T, hd)
+                if self.with_past:
+                    ek, ev = rest[j], rest[j + 1]
+                    j += 2
+                else:
+                    ek, ev = c.c_attn(rest[0]).split(c.split_size, dim=2)  # (B, K, D) each
+                    ek, ev = _heads(ek, self.n_head), _heads(ev, self.n_head)  # (B, H, K, hd)
+                presents += [ek, ev]
+                h = h + c.c_proj(_attend(cq, ek, ev, c.scaling))
+            h = h + blk.mlp(blk.ln_2(h))
+        logits = self.lm_head(self.tr.ln_f(h))  # (B, T, V)
+        return (logits, *presents)
+
+
+def cache_names(model, kind: str) -> list[str]:
+    """`past_key_values.{i}.decoder.key`-style names (kind "past_key_values" or "present"), in graph order."""
+    names = []
+    for i in range(len(model.decoder.transformer.h)):
+        names += [f"{kind}.{i}.decoder.key", f"{kind}.{i}.decoder.value"]
+        if i >= model.k:
+            names += [f"{kind}.{i}.encoder.key", f"{kind}.{i}.encoder.value"]
+    return names
+
+
+def check_exportable(model) -> None:
+    if model.config.fusion != "cross_attention":
+        raise ExportError(f"fusion={model.config.fusion!r}: the ONNX export covers cross-attention models (GPT-2 "
+                          "decoder); prefix-fusion models are not supported yet")
+    if any("lora_" in n for n, _ in model.named_parameters()):
+        raise ExportError("the model holds unmerged LoRA layers: export the folder `mmgpt train` wrote (merged)")
+
+
+def export_onnx(model, processor, out_dir, opset: int = OPSET) -> list[Path]:
+    """Write the ONNX graphs, configs and tokenizer of `model` into `out_dir`; returns the ONNX files."""
+    check_exportable(model)
+    model = model.float().eval()
+    out = Path(out_dir)
+    onnx_dir = out / "onnx"
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model.decoder.config
+    n_head, d = cfg.n_head, cfg.n_embd
+    hd = d // n_head
+    s = processor.image_size
+    pixels = torch.randn(2, 3, s, s)
+    with torch.no_grad():
+        memory = model.encode_image(pixels).tokens  # (2, K, D)
+    k_img = memory.shape[1]
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    past_names, present_names = cache_names(model, "past_key_values"), cache_names(model, "present")
+    batch = {0: "batch_size"}
+    present_axes = {n: {0: "batch_size", 2: "encoder_sequence_length" if ".encoder." in n else
+                        "past_sequence_length + sequence_length"} for n in present_names}
+    past_axes = {n: {0: "batch_size", 2: "encoder_sequence_length" if ".encoder." in n else "past_sequence_length"}
+                 for n in past_names}
+    past = [torch.randn(2, n_head, k_img if ".encoder." in n else 3, hd) for n in past_names]
+    jobs = [
+        (EncoderGraph(model), (pixels,), ["pixel_values"], ["last_hidden_state"],
+         {"pixel_values": batch, "last_hidden_state": {0: "batch_size", 1: "encoder_sequence_length"}}),
+        (DecoderGraph(model, with_past=False), (ids, mask, memory), ["input_ids", "attention_mask",
+         "encoder_hidden_states"], ["logits", *present_names],
+         {"input_ids": {0: "batch_size", 1: "sequence_length"}, "attention_mask": {0: "batch_size", 1: "sequence_length"},
+          "encoder_hidden_states": {0: "batch_size", 1: "encoder_sequence_length"},
+          "logits": {0: "batch_size", 1: "sequence_length"}, **present_axes}),
+        (DecoderGraph(model, with_past=True), (ids[:, -1:], torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+                                               *past),
+         ["input_ids", "attention_mask", *past_names], ["logits", *present_names],
+         {"input_ids": {0: "batch_size"}, "attention_mask": {0: "batch_size", 1: "past_sequence_length + 1"},
+          "logits": {0: "batch_size"}, **past_axes, **present_axes}),
+    ]
+    files = []
+    for (graph, args, inputs, outputs, axes), name in zip(jobs, ONNX_FILES):
+        path = onnx_dir / name
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on shape checks in ViT (fixed input size)
+            torch.onnx.export(graph, args, str(path), input_names=inputs, output_names=outputs,
+                              dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+        files.append(path)
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "onnx" / "mmgpt_onnx.json").write_text(json.dumps({
+        "layout": "encoder + decoder + decoder_with_past", "opset": opset, "num_layers": len(model.decoder.transformer.h),
+        "cross_attention_layers": [i for i in range(len(model.decoder.transformer.h)) if i >= model.k],
+        "num_heads": n_head, "head_dim": hd, "exporter": "torch.onnx.export (TorchScript), torch " + torch.__version__,
+    }, indent=2) + "\n")
+    return files
+
+
+def parity(model, processor, out_dir, rows: int = 3) -> float:
+    """Largest |logit difference| between onnxruntime on the export in `out_dir` and PyTorch on `model`,
+    over the encoder, a first decoder step on left-padded prompts (caption and questions) and one cached step."""
+    import numpy as np
+
+    from mmgpt.onnx_runner import OnnxVisionLanguage
+
+    model = model.float().eval()
+    ox = OnnxVisionLanguage(out_dir)
+    g = torch.Generator().manual_seed(0)
+    s = processor.image_size
+    pixels = torch.rand(rows, 3, s, s, generator=g) * 2 - 1  # (B, 3, S, S)
+    tasks = ["caption"] + ["vqa"] * (rows - 1)
+    prompts = [""] + ["what color is the circle?", "how many objects are there in this picture?"][: rows - 1]
+    batch = processor.batch_prompts(tasks, prompts[:rows] + [""] * (rows - len(prompts)))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    nxt = torch.randint(0, model.config.text_config.vocab_size, (rows, 1), generator=g)
+    with torch.no_grad():
+        memory = model.encode_image(pixels).tokens  # (B, K, D)
+        ref = model(input_ids=ids, attention_mask=mask, encoder_hidden_states=memory).logits  # (B, T, V)
+        mask2 = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        ref2 = model(input_ids=torch.cat([ids, nxt], 1), attention_mask=mask2, encoder_hidden_states=memory).logits
+    o_mem = ox.encode(pixels.numpy())
+    logits, cache = ox.first_step(ids.numpy(), mask.numpy(), o_mem)
+    logits2, _ = ox.next_step(nxt.numpy(), mask2.numpy(), cache)
+    real = mask.bool().numpy()  # padding positions' logits are never read
+    return float(max(np.abs(o_mem - memory.numpy()).max(), np.abs(logits - ref.numpy())[real].max(),
+                     np.abs(logits2[:, -1] - ref2[:, -1].numpy()).max()))
+
+
+__all__ = ["ONNX_FILES", "ExportError", "cache_names", "export_onnx", "parity"]

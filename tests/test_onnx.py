@@ -1,0 +1,89 @@
+"""ONNX export (mmgpt.onnx_export) on a tiny trained model: onnxruntime's logits within 1e-4 of PyTorch's,
+and the same greedy captions and answers as mmgpt's own API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_api import ANSWERS, CAPTIONS, QUESTION, trained_tiny_dir, world_images
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from mmgpt.api import load  # noqa: E402
+from mmgpt.cli import main  # noqa: E402
+from mmgpt.onnx_export import ONNX_FILES, cache_names, parity  # noqa: E402
+from mmgpt.onnx_runner import OnnxVisionLanguage  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("onnx")
+    assert main(["export", str(trained_tiny_dir()), "--format", "onnx", "--out", str(out), "--no-check"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def vl():
+    return load(trained_tiny_dir(), device="cpu")
+
+
+def test_layout_and_names(exported, vl):
+    import onnx
+
+    for name in ONNX_FILES:
+        onnx.checker.check_model(str(exported / "onnx" / name))
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "mmgpt_processor.json"):
+        assert (exported / name).is_file(), name
+    ox = OnnxVisionLanguage(exported)
+    assert [i.name for i in ox.encoder.get_inputs()] == ["pixel_values"]
+    assert [o.name for o in ox.encoder.get_outputs()] == ["last_hidden_state"]
+    past = cache_names(vl.model, "past_key_values")
+    assert "past_key_values.0.decoder.key" in past and "past_key_values.1.encoder.value" in past
+    assert [i.name for i in ox.decoder_with_past.get_inputs()] == ["input_ids", "attention_mask", *past]
+    assert [o.name for o in ox.decoder.get_outputs()] == ["logits", *cache_names(vl.model, "present")]
+
+
+def test_logits_match_pytorch(exported, vl):
+    assert parity(vl.model, vl.processor, exported, rows=3) < 1e-4
+
+
+def test_logits_match_pytorch_by_hand(exported, vl):
+    """A second check written without parity(): a longer cached run against the uncached forward."""
+    ox = OnnxVisionLanguage(exported)
+    proc, model = vl.processor, vl.model
+    px = proc.images(world_images()[:2])
+    batch = proc.batch_prompts(["vqa", "caption"], [QUESTION, ""])
+    ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
+    memory = ox.encode(px.numpy())
+    logits, cache = ox.first_step(ids, mask, memory)
+    steps = [logits[:, -1]]
+    for tok in ([5, 6], [7, 8], [9, 10]):
+        ids = np.concatenate([ids, np.array(tok)[:, None]], 1)
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+        logits, cache = ox.next_step(ids[:, -1:], mask, cache)
+        steps.append(logits[:, -1])
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), pixel_values=px).logits
+    ref_steps = ref[:, -4:].numpy()  # the prompt's last position, then the three fed tokens
+    assert np.abs(np.stack(steps, 1) - ref_steps).max() < 1e-4
+
+
+def test_greedy_captions_and_answers_equal_mmgpt(exported, vl):
+    ox = OnnxVisionLanguage(exported, threads=1)
+    ims = world_images()
+    assert ox.caption(ims) == vl.caption(ims) == CAPTIONS
+    assert ox.ask(ims, QUESTION) == vl.ask(ims, QUESTION) == ANSWERS
+    assert ox.caption(ims[0]) == CAPTIONS[0]
+
+
+def test_export_errors_are_one_line(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "no such model folder" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="mmgpt export"):
+        OnnxVisionLanguage(tmp_path)
