@@ -11,7 +11,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "train" / "shapes-tiny.yaml"
-HEADLINE = ("caption_exact_match", "cider", "bleu_4", "vqa_accuracy", "retrieval_i2t_r1", "retrieval_t2i_r1")
+HEADLINE = ("caption_exact_match", "cider", "bleu_4", "vqa_accuracy", "retrieval_i2t_r1", "retrieval_t2i_r1",
+            "chat_followup_accuracy", "chat_two_image_accuracy", "chat_accuracy")
 
 
 def samples_grid(examples: list[dict], path: Path, n: int = 12, cols: int = 4, scale: int = 3) -> None:
@@ -53,11 +54,19 @@ def evaluate_on_shapes_test(model_dir: str | Path, test_images: int = 300, devic
     from train.data import ShapesDataset
     from train.evaluate import evaluate
 
+    from train.chat_eval import evaluate_chat
+
     model = MMGPTModel.from_pretrained(model_dir).eval()
     processor = MMGPTProcessor.from_pretrained(model_dir)
     test = ShapesDataset("test", size=test_images, image_size=processor.image_size)
-    records = [r for i in range(test_images) for r in test.records_for_image(i)]
-    return model, evaluate(model, processor, records, device=device, **evaluate_kwargs)
+    # a conversation and a two-image question per test image, when the model reads several images
+    n_chat = 1 if model.config.max_images > 1 or model.uses_prefix else 0
+    records = [r for i in range(test_images) for r in test.records_for_image(i, chat=n_chat, two_image=n_chat)]
+    result = evaluate(model, processor, [r for r in records if r["task"] != "chat"], device=device, **evaluate_kwargs)
+    chat_metrics, chat_examples = evaluate_chat(model, processor, records)
+    result.metrics.update(chat_metrics)
+    result.examples += chat_examples
+    return model, result
 
 
 def run_demo(out_dir: str | Path, overrides: list[str] | None = None, test_images: int = 300) -> dict:
