@@ -476,13 +476,23 @@ class VisionLanguagePipeline:
         return f"{type(self).__name__}(device={self.device}, dtype={self.dtype})"
 
 
-def load(model_or_path, device=None, dtype=None, *, processor: MMGPTProcessor | None = None) -> VisionLanguagePipeline:
-    """A pipeline from a model folder or hub id, or from a model object (with its processor)."""
+def load(model_or_path, device=None, dtype=None, *, processor: MMGPTProcessor | None = None,
+         quantize: str | None = None) -> VisionLanguagePipeline:
+    """A pipeline from a model folder or hub id, or from a model object (with its processor).
+
+    quantize="int8": the decoder's and LM head's weights as int8 with per-output-channel scales, for
+    faster decoding on the CPU (`mmgpt.quantize`; the model's weights are rounded in place)."""
+    from mmgpt.quantize import check_mode, quantize_model
+
+    check_mode(quantize)  # a bad value fails before any loading
     if isinstance(model_or_path, MMGPTModel):
         if processor is None:
             source = getattr(model_or_path, "name_or_path", "")
             if not source:
                 raise ValueError("load(model) needs processor=... when the model was not loaded from a folder")
             processor = MMGPTProcessor.from_pretrained(source)
-        return VisionLanguagePipeline(model_or_path, processor, device=device, dtype=dtype)
-    return VisionLanguagePipeline.from_pretrained(model_or_path, device=device, dtype=dtype)
+        pipe = VisionLanguagePipeline(model_or_path, processor, device=device, dtype=dtype)
+    else:
+        pipe = VisionLanguagePipeline.from_pretrained(model_or_path, device=device, dtype=dtype)
+    quantize_model(pipe.model, quantize)
+    return pipe
