@@ -20,6 +20,9 @@ COMMANDS = {
     "serve": ("mmgpt.commands.serve", "serve a model over HTTP with a web page"),
     "explain": ("mmgpt.commands.explain", "draw where the decoder looked for each generated word"),
     "export": ("mmgpt.commands.export", "export a model folder to ONNX (onnxruntime, transformers.js)"),
+    "index": ("mmgpt.commands.search", "build or update a search index of an image folder"),
+    "search": ("mmgpt.commands.search", "search an index by text or by image"),
+    "classify": ("mmgpt.commands.search", "zero-shot classification of images against labels"),
 }
 
 
