@@ -71,6 +71,8 @@ def evaluate_on_shapes_test(model_dir: str | Path, test_images: int = 300, devic
 
 def run_demo(out_dir: str | Path, overrides: list[str] | None = None, test_images: int = 300) -> dict:
     from train.config import load_config
+    from mmgpt.model_card import write_model_card
+    from train.config import to_dict
     from train.loop import run_training
 
     out = Path(out_dir)
@@ -91,6 +93,8 @@ def run_demo(out_dir: str | Path, overrides: list[str] | None = None, test_image
     metrics.update(train_seconds=summary["train_seconds"], train_steps=summary["step"],
                    eval_seconds=time.time() - t0, test_images=test_images)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_model_card(model_dir, train_config=to_dict(cfg), metrics=metrics, steps=summary["step"],  # README.md
+                     train_seconds=summary["train_seconds"], eval_source={"format": "shapes", "split": "test"})
     examples = _one_question_each(result.examples)
     samples_grid(examples, out / "samples.png")
     print()

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, IterableDataset
 
+from mmgpt.model_card import write_run_cards
 from train.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from train.collate import MODEL_KEYS, Collator
 from train.config import ConfigError, TrainConfig, to_dict, usable_trackers
@@ -444,6 +445,7 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
         best = _keep_best(accelerator, unwrapped, processor, cfg, summary, best, out, state["step"])
     if main:
         export_model(unwrapped, processor, out / "model", cfg.lora.enabled)
+        write_run_cards(out, to_dict(cfg), state["step"], train_seconds)  # README.md cards in OUT/model, OUT/best
     accelerator.wait_for_everyone()
     accelerator.end_training()
     try:  # judged on the whole run now (a short run never reached the mid-run check's minimum)
