@@ -12,7 +12,7 @@ import sys
 
 from mmgpt.commands.use import quiet
 
-TASK_CHOICES = ("caption", "vqa", "retrieval", "all")
+TASK_CHOICES = ("caption", "vqa", "retrieval", "all", "classify")  # classify: train/classify_eval.py, shapes only
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +45,10 @@ def run(args) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.max_images is not None and args.max_images < 1:
         raise UserError(f"--max-images must be at least 1, got {args.max_images}")
+    if args.task == "classify":
+        from train.classify_eval import run_classify_eval
+
+        return run_classify_eval(args)
     caught = []  # what the readers and scorers noticed, said as notes below
     with warnings.catch_warnings(record=True) as got:
         warnings.simplefilter("always", DataWarning)
