@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "caption": ("mmgpt.commands.use", "caption images"),
     "ask": ("mmgpt.commands.use", "answer a question about an image"),
+    "chat": ("mmgpt.commands.chat", "talk with a model about images in the terminal"),
     "retrieve": ("mmgpt.commands.use", "rank texts for images and images for texts"),
     "eval": ("mmgpt.commands.evaluate", "evaluate a model on a data source"),
     "train": ("mmgpt.commands.train", "train from a YAML config"),
