@@ -443,6 +443,12 @@ def main(argv=None) -> int:
     gen_targets, gen_rows = generation_targets(args.iters, have_coca)
     targets += gen_targets
     rows += gen_rows
+    try:  # onnxruntime's greedy b1 beside mmgpt's fp32 path (the `onnx` extra; benchmarks/onnx_bench.py)
+        from benchmarks.onnx_bench import onnx_rows
+
+        rows += onnx_rows(args.iters, args.threads)
+    except ImportError as err:
+        print(f"note: ONNX rows skipped ({err}); pip install -e '.[onnx]'", file=sys.stderr)
 
     cached, recomputed, flop_ratio = feature_cache_ratio(SMALL, args.iters)
     rows.append(("frozen encoder small", "mmgpt", f"cached {cached:.1f} vs recomputed {recomputed:.1f} samples/s",

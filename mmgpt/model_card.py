@@ -42,7 +42,7 @@ def hardware() -> str:
         if torch.cuda.is_available():
             n = torch.cuda.device_count()
             return f"{n} x {torch.cuda.get_device_name(0)}"
-    except Exception:  # noqa: BLE001 - a card is written whatever the driver says
+    except Exception:  # noqa: BLE001, S110 - a card is written whatever the driver says: the CPU then
         pass
     cpu = platform.processor() or platform.machine()
     try:
@@ -126,15 +126,15 @@ def card_text(folder, train_config: dict | None = None, metrics: dict | None = N
     obj = tc.get("objectives") or {}
     model_cfg = tc.get("model") or {}
     lines = ["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", "", f"# {name}", "",
-             "A vision-language model built and trained with mmgpt: a ViT image encoder, "
+             ("A vision-language model built and trained with mmgpt: a ViT image encoder, "
              f"an `{(cfg.get('adapter') or {}).get('type', 'mlp')}` adapter and a `{text_type}` decoder "
              f"({cfg.get('fusion')} fusion). It captions images, answers questions about them and embeds images "
-             "and texts for retrieval (contrastive head).", "", "## Training", ""]
+             "and texts for retrieval (contrastive head)."), "", "## Training", ""]
     facts = [
         ("model preset", model_cfg.get("path") or model_cfg.get("preset")),
         ("pretrained parts", ", ".join(base) or "none (all parts trained from scratch)"),
-        ("objectives", f"contrastive (ITC) weight {obj.get('itc_weight', cfg.get('itc_weight'))}, generative (LM) "
-                       f"weight {obj.get('lm_weight', cfg.get('lm_weight'))}"),
+        ("objectives", (f"contrastive (ITC) weight {obj.get('itc_weight', cfg.get('itc_weight'))}, generative (LM) "
+                       f"weight {obj.get('lm_weight', cfg.get('lm_weight'))}")),
         ("training data", "; ".join(_source_text(s) for s in sources) or None),
         ("steps", steps),
         ("batch size", tc.get("batch_size")),
@@ -166,8 +166,8 @@ def card_text(folder, train_config: dict | None = None, metrics: dict | None = N
               "## Upload to the Hugging Face Hub", "",
               "With the Hub's own command line (from `huggingface_hub`):", "", "```bash", "hf auth login",
               f"hf upload {repo} {folder} .", "```", "",
-              "or from Python: `huggingface_hub.HfApi().upload_folder(folder_path=..., repo_id=..., "
-              "repo_type=\"model\")` (create the repository first with `create_repo`).", ""]
+              ("or from Python: `huggingface_hub.HfApi().upload_folder(folder_path=..., repo_id=..., "
+              "repo_type=\"model\")` (create the repository first with `create_repo`)."), ""]
     return "\n".join(lines)
 
 

@@ -65,9 +65,11 @@ class OnnxVisionLanguage:
         out = self.decoder_with_past.run(None, feed)
         return out[0], out[1:]
 
-    def generate(self, pixel_values, input_ids, attention_mask, max_new_tokens: int = 32) -> np.ndarray:
-        """Greedy search as MMGPTModel.generate: -> (B, T + new) ids; finished rows are padded with EOS."""
-        eos = self.processor.eos_id
+    def generate(self, pixel_values, input_ids, attention_mask, max_new_tokens: int = 32,
+                 eos_token_id: int | None = None) -> np.ndarray:
+        """Greedy search as MMGPTModel.generate: -> (B, T + new) ids; finished rows are padded.
+        `eos_token_id`: the id that ends a row (default the tokenizer's; -1: none, always max_new_tokens)."""
+        eos = self.processor.eos_id if eos_token_id is None else eos_token_id
         pad = self.processor.pad_id if self.processor.pad_id is not None else eos
         memory = self.encode(np.asarray(pixel_values))
         ids, mask = np.asarray(input_ids, np.int64), np.asarray(attention_mask, np.int64)

@@ -56,8 +56,8 @@ def test_auto_classes_load_the_folder_with_the_same_weights(folder):
 
 def test_import_mmgpt_is_what_registers(folder):
     code = ("from transformers import AutoModel\n"
-            "try:\n    AutoModel.from_pretrained(r'%s'); print('loaded')\nexcept Exception:\n    print('refused')\n"
-            "import mmgpt\nprint(type(AutoModel.from_pretrained(r'%s')).__name__)") % (folder, folder)
+            f"try:\n    AutoModel.from_pretrained(r'{folder}'); print('loaded')\nexcept Exception:\n    print('refused')\n"
+            f"import mmgpt\nprint(type(AutoModel.from_pretrained(r'{folder}')).__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
                          env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert out.stdout.split() == ["refused", "MMGPTModel"], out.stdout + out.stderr[-2000:]

@@ -67,7 +67,7 @@ def test_usage_snippets_run_as_written(tmp_path):
                      metrics={"caption_exact_match": 0.5}, steps=60, train_seconds=12.0)
     card = ModelCard.load(folder / "README.md")
     assert card.data.datasets == ["user/captions"]
-    blocks = re.findall(r"```python\n(.*?)```", card.text, flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", card.text, flags=re.DOTALL)
     assert len(blocks) == 2
     image = world_images()[1]
     (tmp_path / "cwd").mkdir()

@@ -13,10 +13,10 @@ from test_api import ANSWERS, CAPTIONS, QUESTION, trained_tiny_dir, world_images
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from mmgpt.api import load  # noqa: E402
-from mmgpt.cli import main  # noqa: E402
-from mmgpt.onnx_export import ONNX_FILES, cache_names, parity  # noqa: E402
-from mmgpt.onnx_runner import OnnxVisionLanguage  # noqa: E402
+from mmgpt.api import load
+from mmgpt.cli import main
+from mmgpt.onnx_export import ONNX_FILES, cache_names, parity
+from mmgpt.onnx_runner import OnnxVisionLanguage
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
