@@ -1,4 +1,5 @@
-"""mmgpt folders in transformers' own entry points: the Auto classes and the image-text-to-text pipeline.
+"""mmgpt folders in transformers' own entry points: the Auto classes and the image-text-to-text and
+zero-shot-image-classification pipelines.
 
 `import mmgpt` calls `register()`, after which
 
@@ -12,19 +13,33 @@
 transformers' pipelines take a `ProcessorMixin`; `MMGPTHFProcessor` is one that wraps mmgpt's own processor
 (`mmgpt.processor.MMGPTProcessor`, found as `.mmgpt_processor`; its other methods are reachable on the
 wrapper too). An empty text asks for a caption, any other text is a question (the `vqa` prompt template).
+
+    >>> clf = pipeline("zero-shot-image-classification", model="runs/shapes/model")
+    >>> clf("photo.png", candidate_labels=["a red circle", "a blue square"], hypothesis_template="{}")
+
+gives softmax(logit_scale * cosine) of the contrastive embeddings (`MMGPTForZeroShotImageClassification`,
+same weights). That pipeline loads an image processor through AutoImageProcessor, which needs the folder's
+preprocessor_config.json: `write_hub_files` writes it (mmgpt.model_card does, for every exported folder).
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import BatchFeature, ProcessorMixin
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.utils import ModelOutput
 
+from mmgpt.model import MMGPTModel
 from mmgpt.processor import MMGPTProcessor
 
-__all__ = ["MMGPTHFProcessor", "register"]
+__all__ = ["MMGPTForZeroShotImageClassification", "MMGPTHFProcessor", "MMGPTImageProcessor", "register",
+           "write_hub_files"]
 
 
 class MMGPTHFProcessor(ProcessorMixin):
@@ -123,6 +138,82 @@ class MMGPTHFProcessor(ProcessorMixin):
         return self.batch_decode(generated_outputs)
 
 
+class MMGPTImageProcessor(BaseImageProcessor):
+    """Images -> pixel_values with mmgpt's own transform, for pipelines that load an image processor
+    (zero-shot-image-classification). Read from the folder's mmgpt_processor.json; AutoImageProcessor finds
+    it through the folder's preprocessor_config.json (`write_hub_files`)."""
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(self, mmgpt_processor: MMGPTProcessor | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.mmgpt_processor = mmgpt_processor
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> MMGPTImageProcessor:
+        from mmgpt.api import resolve_model_folder
+
+        return cls(MMGPTProcessor.from_pretrained(resolve_model_folder(pretrained_model_name_or_path)))
+
+    def __call__(self, images, return_tensors="pt", **kwargs) -> BatchFeature:
+        return BatchFeature(data={"pixel_values": self.mmgpt_processor.images(images)})
+
+
+@dataclass
+class ZeroShotOutput(ModelOutput):
+    logits_per_image: torch.Tensor | None = None  # (B_img, B_txt) logit_scale * cosine
+    logits_per_text: torch.Tensor | None = None  # (B_txt, B_img)
+    image_embeds: torch.Tensor | None = None  # (B_img, E), L2-normed
+    text_embeds: torch.Tensor | None = None  # (B_txt, E), L2-normed
+
+
+class MMGPTForZeroShotImageClassification(MMGPTModel):
+    """The contrastive half as CLIP's output: `logits_per_image` = logit_scale * cosine of the image and
+    text embeddings (what transformers' zero-shot-image-classification pipeline reads). Same weights as
+    MMGPTModel. Texts come as the tokenizer gives them (no special tokens); they are read as mmgpt embeds
+    captions, `[BOS] text [EOS]` right-padded (MMGPTProcessor.batch_texts)."""
+
+    def forward(self, input_ids=None, attention_mask=None, pixel_values=None, **kwargs) -> ZeroShotOutput:
+        ids, mask = self._caption_rows(input_ids, attention_mask)
+        text = self.embed_text(ids, mask)  # (B_txt, E)
+        image = self.embed_image(pixel_values)  # (B_img, E)
+        scale = self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
+        per_image = scale * image @ text.T  # (B_img, B_txt)
+        return ZeroShotOutput(logits_per_image=per_image, logits_per_text=per_image.T, image_embeds=image,
+                              text_embeds=text)
+
+    def _caption_rows(self, input_ids, attention_mask):
+        gc = self.generation_config
+        tc = self.config.text_config
+        bos = gc.bos_token_id if gc.bos_token_id is not None else tc.bos_token_id
+        eos = gc.eos_token_id if gc.eos_token_id is not None else tc.eos_token_id
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        rows = []
+        for ids, keep in zip(input_ids.tolist(), attention_mask.bool().tolist()):
+            toks = [t for t, k in zip(ids, keep) if k]  # left or right padding alike
+            if toks and toks[0] == bos:
+                toks = toks[1:]
+            if toks and toks[-1] == eos:
+                toks = toks[:-1]
+            rows.append([bos, *toks, eos])
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [eos] * (width - len(r)) for r in rows], device=input_ids.device)  # (B, T)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=input_ids.device)
+        return ids, mask
+
+
+def write_hub_files(folder) -> None:
+    """preprocessor_config.json, which transformers' AutoImageProcessor needs to find a folder's image
+    processor (the zero-shot-image-classification pipeline loads one); written next to the model card."""
+    path = Path(folder) / "preprocessor_config.json"
+    if not path.exists():
+        path.write_text(json.dumps({"processor_class": "MMGPTHFProcessor", "note": "mmgpt reads "
+                                    "mmgpt_processor.json; this file lets transformers' Auto classes find it"},
+                                   indent=2) + "\n")
+
+
 _REGISTERED = False
 
 
@@ -131,13 +222,22 @@ def register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModel,
+        AutoModelForImageTextToText,
+        AutoModelForZeroShotImageClassification,
+        AutoProcessor,
+    )
 
     from mmgpt.config import MMGPTConfig
-    from mmgpt.model import MMGPTModel
 
     AutoConfig.register("mmgpt", MMGPTConfig, exist_ok=True)
     AutoModel.register(MMGPTConfig, MMGPTModel, exist_ok=True)
     AutoModelForImageTextToText.register(MMGPTConfig, MMGPTModel, exist_ok=True)
     AutoProcessor.register(MMGPTConfig, MMGPTHFProcessor, exist_ok=True)
+    AutoModelForZeroShotImageClassification.register(MMGPTConfig, MMGPTForZeroShotImageClassification, exist_ok=True)
+    AutoImageProcessor.register(MMGPTConfig, image_processor_classes={"pil": MMGPTImageProcessor,
+                                                                      "torchvision": MMGPTImageProcessor}, exist_ok=True)
     _REGISTERED = True

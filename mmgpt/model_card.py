@@ -172,7 +172,11 @@ def card_text(folder, train_config: dict | None = None, metrics: dict | None = N
 
 
 def write_model_card(folder, **kwargs) -> Path:
-    """Write FOLDER/README.md (see `card_text` for the keywords); returns its path."""
+    """Write FOLDER/README.md (see `card_text` for the keywords), and the preprocessor_config.json that
+    transformers' AutoImageProcessor looks for (mmgpt.hf_interop.write_hub_files); returns the card's path."""
+    from mmgpt.hf_interop import write_hub_files
+
+    write_hub_files(folder)
     path = Path(folder) / "README.md"
     path.write_text(card_text(folder, **kwargs), encoding="utf-8")
     return path

@@ -3,6 +3,7 @@ mmgpt's own API (`mmgpt.api.load`: what `mmgpt caption` / `mmgpt ask` run)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from test_api import ANSWERS, CAPTIONS, QUESTION, trained_tiny_dir, world_images
 
 import mmgpt  # noqa: F401 - registers mmgpt with the Auto classes
 from mmgpt.api import load
-from mmgpt.hf_interop import MMGPTHFProcessor
+from mmgpt.hf_interop import MMGPTForZeroShotImageClassification, MMGPTHFProcessor, write_hub_files
 from mmgpt.model import MMGPTModel
 from mmgpt.processor import MMGPTProcessor
 
@@ -58,7 +59,7 @@ def test_import_mmgpt_is_what_registers(folder):
     code = ("from transformers import AutoModel\n"
             f"try:\n    AutoModel.from_pretrained(r'{folder}'); print('loaded')\nexcept Exception:\n    print('refused')\n"
             f"import mmgpt\nprint(type(AutoModel.from_pretrained(r'{folder}')).__name__)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300, check=False,
                          env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert out.stdout.split() == ["refused", "MMGPTModel"], out.stdout + out.stderr[-2000:]
 
@@ -94,3 +95,21 @@ def test_processor_refuses_mismatched_counts(folder):
     proc = MMGPTHFProcessor.from_pretrained(folder)
     with pytest.raises(ValueError, match="3 texts for 2 images"):
         proc(images=world_images()[:2], text=["a", "b", "c"])
+
+
+def test_zero_shot_image_classification_pipeline_is_softmax_of_scaled_cosine(folder, tmp_path):
+    from transformers import pipeline
+
+    shutil.copytree(folder, tmp_path / "m")
+    write_hub_files(tmp_path / "m")  # what the export writes beside the model card (AutoImageProcessor needs it)
+    pipe = pipeline("zero-shot-image-classification", model=str(tmp_path / "m"), device="cpu")
+    assert isinstance(pipe.model, MMGPTForZeroShotImageClassification)
+    vl = load(folder, device="cpu")
+    scale = vl.model.logit_scale.exp().clamp(max=vl.model.config.logit_scale_max).item()
+    labels = ["circle", "square", "a red circle", "a blue square"]
+    for image in world_images():
+        for template in ("{}", "a photo of a {}."):
+            got = {r["label"]: r["score"] for r in pipe(image, candidate_labels=labels, hypothesis_template=template)}
+            texts = [template.format(x) for x in labels]
+            want = (scale * vl.similarity([image], texts)[0]).softmax(-1)  # (4,)
+            assert torch.allclose(torch.tensor([got[x] for x in labels]), want, atol=1e-5), (got, want)
