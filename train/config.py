@@ -262,6 +262,14 @@ def _check_values(cfg: TrainConfig) -> None:
         need(v is None or v >= 0, f"optim.{key}", v, "must be >= 0 (0 = this part does not move; null = optim.lr)")
     need(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
     need(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    if o.warmup_steps > cfg.max_steps:  # the learning rate would never reach optim.lr
+        import warnings
+
+        scaled = cfg.max_steps // 10
+        warnings.warn(f"optim.warmup_steps={o.warmup_steps} is longer than the run (max_steps={cfg.max_steps}), so "
+                      f"the learning rate would never reach optim.lr: this run warms up over {scaled} steps (a tenth "
+                      "of max_steps) instead; set optim.warmup_steps up to max_steps to choose", stacklevel=3)
+        o.warmup_steps = scaled
     need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
     need(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = no clipping)")
     need(o.eps > 0, "optim.eps", o.eps, "must be > 0")

@@ -287,6 +287,11 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
             _drop_log_after(metrics_path, state["step"])  # steps after the checkpoint are trained again
             print(f"resumed from {resume_from} at step {state['step']}", flush=True)
     bad = BadDataCounter.from_dict(state["bad"]) if state["bad"] else BadDataCounter()
+    # Bad records are judged as distinct records against the distinct records read (a later epoch reads
+    # the same ones again): a map-style set holds len() of them (its share on each process), a stream as
+    # many as its first epoch read (state["epoch_items"]).
+    epoch_items = None if streamed else max(1, len(train_set) // accelerator.num_processes)
+    bad_stop = None  # the DataError that stopped the run early (one process: the model is still saved)
 
     unwrapped = accelerator.unwrap_model(model)
     if not streamed and len(dl) == 0:
@@ -405,8 +410,14 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
                                 post["min_left"] = f"{max(0.0, cfg.max_minutes - (now - t0) / 60):.1f}"
                             bar.set_postfix(**post)
                     accelerator.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=step)
-                if seen_items >= 200:
-                    bad.check(seen_items, cfg.data.max_bad_fraction)
+                distinct = _distinct_seen(seen_items, epoch_items or state.get("epoch_items"))
+                try:  # judged from 200 records on, or once a whole pass was read (the fraction is then known)
+                    bad.check(distinct, cfg.data.max_bad_fraction, min_seen=200, final=state["epoch"] > 0)
+                except DataError as err:
+                    if accelerator.num_processes > 1:  # each process judges its own share: no common stop
+                        raise DataError(f"{err} (no model saved: the processes of a distributed run stop "
+                                        "separately; the last checkpoint, if any, holds the run)") from None
+                    bad_stop, stop = err, True
                 saved = None
                 if cfg.eval_every and step % cfg.eval_every == 0 and cfg.data.validation:
                     summary = _evaluate(accelerator, unwrapped, processor, cfg, step, metrics_path)
@@ -430,6 +441,8 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
                                         "use a smaller batch_size or more data")
                 state["epoch"] += 1
                 state["micro_in_epoch"] = 0
+                if streamed and "epoch_items" not in state:  # a stream's size: what its first pass read
+                    state["epoch_items"] = seen_items
     finally:
         if signals is not None:
             signals.restore()
@@ -438,8 +451,9 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
         bar.close()
     train_seconds = time.time() - t0
     accelerator.wait_for_everyone()
+    distinct = _distinct_seen(seen_items, epoch_items or state.get("epoch_items"))
     if bad.total and main:
-        print(bad.summary(seen_items), flush=True)
+        print(bad.summary(distinct), flush=True)
     if cfg.data.validation and not cfg.eval_every:
         summary = _evaluate(accelerator, unwrapped, processor, cfg, state["step"], metrics_path)
         best = _keep_best(accelerator, unwrapped, processor, cfg, summary, best, out, state["step"])
@@ -448,14 +462,23 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
         write_run_cards(out, to_dict(cfg), state["step"], train_seconds)  # README.md cards in OUT/model, OUT/best
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if bad_stop is not None:
+        raise DataError(f"stopped at step {state['step']} of {cfg.max_steps}: {bad_stop}\n(the model trained until "
+                        f"then on the good records was saved to {out / 'model'})") from None
     try:  # judged on the whole run now (a short run never reached the mid-run check's minimum)
-        bad.check(seen_items, cfg.data.max_bad_fraction, final=True)
+        bad.check(distinct, cfg.data.max_bad_fraction, final=True)
     except DataError as err:
-        raise DataError(f"{err} (the model trained on the rest was still saved to {out / 'model'})") from None
+        raise DataError(f"{err}\n(the model trained on the good records was still saved to {out / 'model'})") from None
     if cache is not None and main:
         print(f"feature cache: {cache.hits} hits, {cache.misses} misses, {cache.bytes / 2**20:.0f} MiB", flush=True)
     return {"step": state["step"], "train_seconds": train_seconds, "nonfinite_steps": state["nonfinite"],
             "bad_records": bad.to_dict(), "eval": summary, "model_dir": str(out / "model")}
+
+
+def _distinct_seen(seen_items: int, epoch_items: int | None) -> int:
+    """The distinct records read after ``seen_items`` reads of a set of ``epoch_items`` (None: not known
+    yet, the first pass is still being read)."""
+    return seen_items if epoch_items is None else min(seen_items, epoch_items)
 
 
 def _reset_accelerator_state() -> None:
