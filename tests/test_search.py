@@ -269,3 +269,11 @@ def test_command_line_build_update_and_search(vl, collection, tmp_path, capsys):
 def test_plain_inference_does_not_import_faiss():
     code = "import sys, mmgpt, mmgpt.api, mmgpt.cli, mmgpt.commands.search; assert 'faiss' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_benchmark_helpers_measure_recall_against_flat():
+    from benchmarks.search import query_rows, recall_at_10
+
+    assert recall_at_10(np.array([[1, 2, 3]]), np.array([[3, 2, 9]])) == pytest.approx(2 / 3)
+    (row,) = query_rows(sizes=[2000], approx_max=2000, queries=20)
+    assert row["approx"]["recall10"] >= 0.95 and row["flat_p50_ms"] > 0 and row["approx"]["p50_ms"] > 0
