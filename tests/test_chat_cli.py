@@ -4,19 +4,17 @@
 
 The model is the tiny preset with room for 4 images, trained on the spot (~5 s) on two 2-turn
 conversations, so its answers are words that depend on the image and on the turn: red circle ->
-"red" then "circle", blue square -> "blue" then "square".
+"it is red" then "a circle", blue square -> "it is blue" then "a square".
 """
 
 from __future__ import annotations
 
-import fcntl
 import io
 import os
 import pty
 import select
 import subprocess
 import sys
-import termios
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from mmgpt.processor import image_slots
 ROOT = Path(__file__).resolve().parent.parent
 WORLD = [((220, 40, 40), "circle", "red"), ((40, 80, 220), "square", "blue")]  # (fill, shape, colour)
 Q1, Q2 = "what color is it?", "what shape is it?"
+ANSWERS = {"red": ("it is red", "a circle"), "blue": ("it is blue", "a square")}  # to Q1 and Q2: several words
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -44,38 +43,48 @@ def draw(color, shape) -> Image.Image:
     return im
 
 
-def conversation(color: str, shape: str) -> list[dict]:
+def conversation(first: str, second: str) -> list[dict]:
     return [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": Q1}]},
-        {"role": "assistant", "content": [{"type": "text", "text": color}]},
+        {"role": "assistant", "content": [{"type": "text", "text": first}]},
         {"role": "user", "content": [{"type": "text", "text": Q2}]},
-        {"role": "assistant", "content": [{"type": "text", "text": shape}]},
+        {"role": "assistant", "content": [{"type": "text", "text": second}]},
     ]
+
+
+def train_chat_model(folder: Path) -> Path:
+    """The tiny preset (4 images, 128 positions) trained on the two conversations of WORLD; saved in `folder`.
+    Also the chat model of tests/test_serve_browser.py."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is faster than two fighting over 2 cores
+    try:
+        torch.manual_seed(0)
+        cfg = MMGPTConfig.from_preset("tiny", max_images=4, text={"n_positions": 128})
+        model, proc = build_model(cfg, texts=[f"{Q1} {Q2} {a} {b}" for a, b in ANSWERS.values()])
+        enc = [proc.encode_conversation(conversation(*ANSWERS[c])) for _, _, c in WORLD]
+        ids = proc.pad([e[0] for e in enc])  # (2, T)
+        labels = proc.pad([e[1] for e in enc], value=-100)  # (2, T): the assistant turns only
+        mask = proc.pad([[1] * len(e[0]) for e in enc], value=0)
+        pixels = proc.images([draw(f, s) for f, s, _ in WORLD])  # (2, 3, 64, 64)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(40):
+            out = model(pixel_values=pixels, image_slots=image_slots([1, 1]), input_ids=ids, attention_mask=mask,
+                        labels=labels, compute_itc=False)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+        assert out.loss.item() < 0.2, out.loss.item()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval().save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = MMGPTConfig.from_preset("tiny", max_images=4, text={"n_positions": 128})
-    model, proc = build_model(cfg, texts=[f"{Q1} {Q2} {c} {s}" for _, s, c in WORLD])
-    enc = [proc.encode_conversation(conversation(c, s)) for _, s, c in WORLD]
-    ids = proc.pad([e[0] for e in enc])  # (2, T)
-    labels = proc.pad([e[1] for e in enc], value=-100)  # (2, T): the assistant turns only
-    mask = proc.pad([[1] * len(e[0]) for e in enc], value=0)
-    pixels = proc.images([draw(c, s) for c, s, _ in WORLD])  # (2, 3, 64, 64)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(40):
-        out = model(pixel_values=pixels, image_slots=image_slots([1, 1]), input_ids=ids, attention_mask=mask,
-                    labels=labels, compute_itc=False)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    assert out.loss.item() < 0.2, out.loss.item()
-    folder = tmp_path_factory.mktemp("chat-model")
-    model.eval().save_pretrained(folder)
-    proc.save_pretrained(folder)
-    return folder
+    return train_chat_model(tmp_path_factory.mktemp("chat-model"))
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +127,10 @@ def test_piped_lines_are_turns_answered_as_vl_chat(capsys, monkeypatch, model_di
     rc, out, err = piped(capsys, monkeypatch, f"{Q1}\n{Q2}\n", model_dir, images["red"])
     assert rc == 0 and err == ""
     expected = answers_of(vl, [user(Q1, images["red"]), user(Q2)])
-    assert out.splitlines() == expected == ["red", "circle"]
+    assert out.splitlines() == expected == list(ANSWERS["red"])
 
     rc, out, _ = piped(capsys, monkeypatch, f"\n{Q1}\n\n{Q2}\n", model_dir, images["blue"])  # blank lines skipped
-    assert rc == 0 and out.splitlines() == ["blue", "square"]
+    assert rc == 0 and out.splitlines() == list(ANSWERS["blue"])
 
     # --system opens the conversation; --max-new-tokens is passed on
     rc, out, _ = piped(capsys, monkeypatch, f"{Q2}\n", model_dir, images["blue"], "--system", "be brief",
@@ -138,7 +147,7 @@ def test_piped_image_and_reset(capsys, monkeypatch, model_dir, vl, images):
     # /reset forgets the first turn and its image; the second image joins the turn after /image
     expected = answers_of(vl, [user(Q1, red)]) + answers_of(vl, [user(Q1, blue), user(Q2), user(Q1, red)])
     assert out.splitlines() == expected  # and nothing after /quit
-    assert expected[:3] == ["red", "blue", "square"]
+    assert expected[:3] == [ANSWERS["red"][0], *ANSWERS["blue"]]
 
     # several paths in one /image (quoted as a shell would), before the first question
     rc, out, _ = piped(capsys, monkeypatch, f'/image "{blue}" {red}\n{Q1}\n', model_dir)
@@ -154,8 +163,8 @@ def test_piped_mistakes_are_one_line_and_exit_2(capsys, monkeypatch, model_dir, 
         (f"{Q1}\n", [missing], f"{missing}: file not found", []),
         (f"{Q1}\n", [corrupt], f"{corrupt}: ", []),
         (f"{Q1}\n", [], "no image in the conversation yet: add one with /image PATH", []),
-        (f"{Q1}\n/image {missing}\n{Q2}\n", [images["red"]], f"{missing}: file not found", ["red"]),
-        (f"{Q1}\n/reset\n{Q2}\n", [images["red"]], "no image in the conversation", ["red"]),
+        (f"{Q1}\n/image {missing}\n{Q2}\n", [images["red"]], f"{missing}: file not found", [ANSWERS["red"][0]]),
+        (f"{Q1}\n/reset\n{Q2}\n", [images["red"]], "no image in the conversation", [ANSWERS["red"][0]]),
         ("/image\n", [], "/image needs a path", []),
         ("/image 'unclosed\n", [], "No closing quotation", []),
         ("/colour red\n", [images["red"]], "/colour: unknown command; the commands are /image, /reset, /quit", []),
@@ -173,14 +182,18 @@ def test_piped_mistakes_are_one_line_and_exit_2(capsys, monkeypatch, model_dir, 
     assert rc == 2 and err == "mmgpt chat: error: --temperature must be >= 0, got -1.0\n"
 
 
+CONTROLLING_TTY = ("import fcntl, os, sys, termios; os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+                   "os.execv(sys.argv[1], sys.argv[1:])")
+
+
 class Terminal:
     """A child process on a pseudo-terminal: type lines, wait for text to appear."""
 
     def __init__(self, argv: list[str], env: dict):
         self.fd, child = pty.openpty()
         # a session of its own whose controlling terminal is the pty, so that Ctrl-C there is SIGINT
-        self.proc = subprocess.Popen(argv, stdin=child, stdout=child, stderr=child, env=env, cwd=ROOT,
-                                     start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        self.proc = subprocess.Popen([sys.executable, "-c", CONTROLLING_TTY, *argv], stdin=child, stdout=child,
+                                     stderr=child, env=env, cwd=ROOT)
         os.close(child)
         self.seen = ""
 
@@ -217,11 +230,11 @@ def test_interactive_session_in_a_pseudo_terminal(model_dir, vl, images, tmp_pat
         term.expect("1 image for your first question")
         term.expect("> ")
         term.type(Q1 + "\n")
-        assert term.expect("> ").split("\n")[-2] == "red"  # the line after the echoed question
+        assert term.expect("> ").split("\n")[-2] == ANSWERS["red"][0]  # the line after the echoed question
         term.type("/image " + str(tmp_path / "nope.png") + "\n")
         assert f"mmgpt chat: {tmp_path / 'nope.png'}: file not found" in term.expect("> ")
         term.type(Q2 + "\n")  # the conversation went on
-        assert term.expect("> ").split("\n")[-2] == "circle"
+        assert term.expect("> ").split("\n")[-2] == ANSWERS["red"][1]
         term.type("\x1b[A" * 3 + "\n")  # readline's history: up 3 times (past /image) is the first question
         third = answers_of(vl, [user(Q1, images["red"]), user(Q2), user(Q1)])[-1]
         assert term.expect("> ").split("\n")[-2] == third
@@ -232,11 +245,11 @@ def test_interactive_session_in_a_pseudo_terminal(model_dir, vl, images, tmp_pat
         term.type(f"/image {images['blue']}\n{Q1}\n")
         term.expect("(image 1: ")
         term.expect("> ")
-        assert term.expect("> ").split("\n")[-2] == "blue"
+        assert term.expect("> ").split("\n")[-2] == ANSWERS["blue"][0]
         term.type("half a questi\x03")  # Ctrl-C at the prompt: a fresh prompt, the conversation goes on
         term.expect("> ")
         term.type(Q2 + "\n")
-        assert term.expect("> ").split("\n")[-2] == "square"
+        assert term.expect("> ").split("\n")[-2] == ANSWERS["blue"][1]
         term.type("\x04")  # Ctrl-D ends
         assert term.close() == 0
     finally:

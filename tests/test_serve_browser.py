@@ -20,6 +20,8 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, python
 pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvicorn, python-multipart) is not installed")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 
+from test_chat_cli import ANSWERS, Q1, Q2, WORLD, train_chat_model
+from test_chat_cli import draw as draw_shape
 from test_serve import COLORS, QUESTION, build_tiny, draw, png
 
 from mmgpt.api import load
@@ -72,7 +74,7 @@ def test_caption_then_streamed_answer_in_chromium(page, base_url, model_dir):
     caption = read_when_done(page, "#caption")
     assert caption == vl.caption(first) and caption
 
-    with page.expect_response("**/v1/ask/stream") as reply:
+    with page.expect_response("**/v1/chat/completions") as reply:  # a conversation of one turn
         page.fill("#question", QUESTION)
         page.click("#ask")
     assert reply.value.status == 200 and reply.value.headers["content-type"].startswith("text/event-stream")
@@ -89,7 +91,7 @@ def test_caption_then_streamed_answer_in_chromium(page, base_url, model_dir):
         data,
     )
     page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
-    page.wait_for_function("document.querySelector('#answer').dataset.state === 'idle'", timeout=WAIT_MS)
+    page.wait_for_function("document.querySelectorAll('#thumbs .thumb').length === 2", timeout=WAIT_MS)
     assert read_when_done(page, "#caption") == vl.caption(second)
 
 
@@ -97,4 +99,112 @@ def test_the_page_shows_server_errors(page, base_url):
     page.goto(base_url + "/")
     page.set_input_files("#file", files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image"}])
     page.wait_for_selector('#caption[data-state="error"]', timeout=WAIT_MS)
-    assert page.locator("#caption").text_content() == "images[0]: not an image"
+    assert page.locator("#caption").text_content() == "notes.png: not an image"
+    assert page.locator("#thumbs .thumb").count() == 0  # it left the conversation
+
+
+# --- the chat ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory):
+    return train_chat_model(tmp_path_factory.mktemp("chat-model"))  # 4 images, answers of several words
+
+
+@pytest.fixture(scope="module")
+def chat_url(chat_dir):
+    with background(create_app(chat_dir, device="cpu")) as url:
+        yield url
+
+
+def drop_files(page, files: list[tuple[str, bytes]]) -> None:
+    """Drag and drop files onto the drop zone, all at once."""
+    transfer = page.evaluate_handle(
+        """(files) => {
+            const dt = new DataTransfer();
+            for (const [name, bytes] of files) dt.items.add(new File([new Uint8Array(bytes)], name, { type: "image/png" }));
+            return dt;
+        }""",
+        [[name, list(data)] for name, data in files],
+    )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+
+
+WATCH_ANSWERS = """() => {  // every text each answer bubble shows, in order, as it streams in
+    window.seen = [];
+    new MutationObserver(() => {
+        const last = [...document.querySelectorAll('#log .assistant')].pop();
+        if (last && last.textContent && window.seen[window.seen.length - 1] !== last.textContent)
+            window.seen.push(last.textContent);
+    }).observe(document.querySelector('#log'), { childList: true, subtree: true, characterData: true });
+}"""
+
+
+def ask_and_read(page, question: str) -> tuple[str, list[str]]:
+    """Send a question; -> the answer once done, and the texts its bubble showed on the way."""
+    page.evaluate("() => { window.seen = []; }")
+    with page.expect_response("**/v1/chat/completions") as reply:
+        page.fill("#question", question)
+        page.click("#ask")
+    assert reply.value.status == 200 and reply.value.headers["content-type"].startswith("text/event-stream")
+    answer = read_when_done(page, "#answer")
+    return answer, page.evaluate("() => window.seen")
+
+
+def test_chat_two_images_streamed_follow_up_and_reset(page, chat_url, chat_dir):
+    vl = load(chat_dir, device="cpu")
+    red, blue = (draw_shape(f, s) for f, s, _ in WORLD)
+    page.goto(chat_url + "/")
+    page.evaluate(WATCH_ANSWERS)
+
+    drop_files(page, [("red.png", png(red)), ("blue.png", png(blue))])
+    page.wait_for_function("document.querySelectorAll('#thumbs .thumb.pending').length === 2", timeout=WAIT_MS)
+    assert page.locator("#thumbs .thumb .n").all_text_contents() == ["1", "2"]
+
+    # the first question takes both images; the answer streams in piece by piece
+    msgs = [{"role": "user", "content": [{"type": "image", "image": red}, {"type": "image", "image": blue},
+                                         {"type": "text", "text": Q1}]}]
+    answer, seen = ask_and_read(page, Q1)
+    assert answer == vl.chat(msgs) and " " in answer
+    assert len(seen) >= 2 and seen[-1] == answer and all(answer.startswith(s) for s in seen), seen
+
+    # the follow-up is sent with the whole conversation; the images stay in view, no longer pending
+    msgs += [{"role": "assistant", "content": answer}, {"role": "user", "content": Q2}]
+    follow_up, _ = ask_and_read(page, Q2)
+    assert follow_up == vl.chat(msgs)
+    assert page.locator("#thumbs .thumb").count() == 2 and page.locator("#thumbs .thumb.pending").count() == 0
+    assert page.locator("#log .msg").all_text_contents() == [Q1, answer, Q2, follow_up]
+
+    # Reset starts over: one image, a conversation of its own (what the model says of the blue square)
+    page.click("#reset")
+    assert page.locator("#thumbs .thumb").count() == 0 and page.locator("#log .msg").count() == 0
+    assert page.locator("#ask").is_disabled()
+    drop_files(page, [("blue.png", png(blue))])
+    page.wait_for_function("!document.querySelector('#ask').disabled", timeout=WAIT_MS)
+    again, _ = ask_and_read(page, Q1)
+    assert again == vl.chat([{"role": "user", "content": [{"type": "image", "image": blue},
+                                                          {"type": "text", "text": Q1}]}]) == ANSWERS["blue"][0]
+
+
+def test_chat_asks_for_the_api_key_and_keeps_it_in_the_page(page, chat_dir):
+    red = draw_shape(*WORLD[0][:2])
+    with background(create_app(chat_dir, device="cpu", api_key="sesame")) as url:
+        page.goto(url + "/")
+        assert page.locator("#key-box").get_attribute("open") is None
+        page.set_input_files("#file", files=[{"name": "red.png", "mimeType": "image/png", "buffer": png(red)}])
+        page.wait_for_selector('#caption[data-state="error"]', timeout=WAIT_MS)
+        assert page.locator("#caption").text_content() == "this server needs an API key: enter it below"
+        assert page.locator("#key-box").get_attribute("open") is not None
+
+        page.fill("#key", "wrong")
+        page.fill("#question", Q1)
+        page.click("#ask")
+        page.wait_for_selector('#answer[data-state="error"]', timeout=WAIT_MS)
+        assert page.locator("#answer").text_content() == "the server refused this API key"
+        assert page.input_value("#question") == Q1  # the question waits to be sent again
+
+        page.fill("#key", "sesame")
+        page.click("#ask")
+        assert read_when_done(page, "#answer") == ANSWERS["red"][0]
+        stored = page.evaluate("() => [localStorage.length, sessionStorage.length, document.cookie]")
+        assert stored == [0, 0, ""]
