@@ -175,12 +175,15 @@ def test_chat_two_images_streamed_follow_up_and_reset(page, chat_url, chat_dir):
     assert page.locator("#thumbs .thumb").count() == 2 and page.locator("#thumbs .thumb.pending").count() == 0
     assert page.locator("#log .msg").all_text_contents() == [Q1, answer, Q2, follow_up]
 
-    # Reset starts over: one image, a conversation of its own (what the model says of the blue square)
+    # Reset starts over; an image not sent yet can be removed: the blue square alone is asked about
     page.click("#reset")
     assert page.locator("#thumbs .thumb").count() == 0 and page.locator("#log .msg").count() == 0
     assert page.locator("#ask").is_disabled()
-    drop_files(page, [("blue.png", png(blue))])
-    page.wait_for_function("!document.querySelector('#ask').disabled", timeout=WAIT_MS)
+    drop_files(page, [("red.png", png(red)), ("blue.png", png(blue))])
+    page.wait_for_function("document.querySelectorAll('#thumbs .thumb').length === 2", timeout=WAIT_MS)
+    page.click("#thumbs .thumb:first-child .x")
+    assert page.locator("#thumbs img").get_attribute("alt") == "blue.png"
+    assert page.locator("#thumbs .thumb .n").all_text_contents() == ["1"]
     again, _ = ask_and_read(page, Q1)
     assert again == vl.chat([{"role": "user", "content": [{"type": "image", "image": blue},
                                                           {"type": "text", "text": Q1}]}]) == ANSWERS["blue"][0]

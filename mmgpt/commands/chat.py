@@ -270,8 +270,15 @@ def _piped(chat: Chat, args) -> int:
     return 0
 
 
+def _warn_in_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning for the terminal: the message (e.g. an answer cut to the decoder's room), no source."""
+    print(f"mmgpt chat: {message}", file=sys.stderr, flush=True)
+
+
 @quiet
 def run(args) -> int:
+    import warnings
+
     interactive = sys.stdin.isatty()
     _gen_options(args)  # a bad option is reported before the model loads
     vl = _load_pipeline(args)
@@ -280,4 +287,9 @@ def run(args) -> int:
 
         torch.manual_seed(args.seed)
     chat = Chat(vl, args, interactive)
-    return _interactive(chat, args) if interactive else _piped(chat, args)
+    shown = warnings.showwarning
+    warnings.showwarning = _warn_in_one_line
+    try:
+        return _interactive(chat, args) if interactive else _piped(chat, args)
+    finally:
+        warnings.showwarning = shown

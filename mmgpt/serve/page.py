@@ -2,7 +2,8 @@
 from `POST /v1/caption`), ask, and watch the answer stream in; every question is sent with the whole
 conversation to the OpenAI-compatible `POST /v1/chat/completions` (`stream: true`, server-sent events read
 with fetch), so follow-ups about "it" or "the second image" work and the server reuses the past it kept.
-The conversation's images stay in view as numbered thumbnails; Reset starts over. When the server wants
+The conversation's images stay in view as numbered thumbnails (those not sent yet can be removed);
+Reset starts over. When the server wants
 an API key, the page asks for it and keeps it in the page only (never stored)."""
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ PAGE = r"""<!doctype html>
   .thumb.pending img { outline: 2px dashed #2a6; outline-offset: 2px; }
   .thumb .n { position: absolute; top: .2rem; left: .2rem; background: #000a; color: #fff; border-radius: 4px;
               padding: 0 .35rem; font-size: .75rem; }
+  .thumb .x { position: absolute; top: .2rem; right: .2rem; border: 0; border-radius: 4px; padding: 0 .4rem;
+              background: #000a; color: #fff; font-size: .8rem; line-height: 1.4; cursor: pointer; }
+  .thumb:not(.pending) .x { display: none; }
   .thumb figcaption { font-size: .75rem; color: #555; line-height: 1.2; margin-top: .2rem; overflow-wrap: anywhere; }
   .out { background: #fff; border-radius: 6px; padding: .6rem .8rem; min-height: 1.5em; white-space: pre-wrap; }
   .out[data-state="busy"] { color: #888; }
@@ -146,8 +150,14 @@ function thumb(item) {
   img.alt = item.name;
   const n = document.createElement("span");
   n.className = "n";
+  const x = document.createElement("button");
+  x.className = "x";
+  x.type = "button";
+  x.textContent = "×";
+  x.title = x.ariaLabel = `remove ${item.name}`;
+  x.addEventListener("click", () => { if (pending.includes(item)) discard(item); });
   const cap = document.createElement("figcaption");
-  fig.append(img, n, cap);
+  fig.append(img, n, x, cap);
   $("thumbs").append(fig);
   item.figure = fig;
   number();
@@ -171,7 +181,7 @@ function add(files) {
   ready();
 }
 
-function drop(item) {  // an image the server cannot read leaves the conversation before it is sent
+function discard(item) {  // an image removed, or one the server cannot read, leaves before it is sent
   item.bad = true;
   images = images.filter((im) => im !== item);
   pending = pending.filter((im) => im !== item);
@@ -198,7 +208,7 @@ async function caption(item, mine) {
     }
     const why = await problem(r);
     if (why.startsWith("images[0]: ")) {  // this image: the server cannot read it
-      if (!item.sent) drop(item);
+      if (!item.sent) discard(item);
       show(el, "error", `${item.name}: ${why.slice(11)}`);
     } else if (latest()) show(el, "error", why);
   } catch (err) { if (mine === epoch) show(el, "error", String(err)); }
