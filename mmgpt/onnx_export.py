@@ -10,12 +10,10 @@ transformers.js for vision-to-text models:
     DIR/onnx/decoder_with_past_model.onnx  later steps: input_ids (B, 1), attention_mask (B, P + 1),
                                          past_key_values.{i}.decoder/encoder.key/value
                                          -> logits (B, 1, V), present.{i}.decoder.key/value (B, H, P + 1, hd)
+    DIR/onnx/decoder_model_merged.onnx   both in one graph (what transformers.js loads): every input of the
+                                         two plus use_cache_branch (bool [1]), an `If` between them
+                                         (`merge_decoders`, as optimum's merger; weights stored once)
     DIR/config.json, generation_config.json, tokenizer files, mmgpt_processor.json (the processor)
-
-Two decoder graphs rather than optimum's `decoder_model_merged.onnx` (one graph with an `If` on
-`use_cache_branch`): torch's exporter writes each branch as its own graph; merging them needs optimum's
-graph merger, which does not take this model type. Runtimes that read the pair (optimum's
-ORTModelForVision2Seq with use_merged=False, mmgpt.onnx_runner) run it as is.
 
 The graphs are written with torch's TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`), opset
 17. The decoder step is written out here over the model's own GPT-2 modules (attention spelled out as
@@ -33,6 +31,7 @@ from torch import nn
 
 OPSET = 17
 ONNX_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
+MERGED_FILE = "decoder_model_merged.onnx"
 
 
 class ExportError(ValueError):
@@ -180,26 +179,103 @@ def export_onnx(model, processor, out_dir, opset: int = OPSET) -> list[Path]:
             torch.onnx.export(graph, args, str(path), input_names=inputs, output_names=outputs,
                               dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
         files.append(path)
+    files.append(merge_decoders(files[1], files[2], onnx_dir / MERGED_FILE))
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     processor.save_pretrained(out)
     (out / "onnx" / "mmgpt_onnx.json").write_text(json.dumps({
-        "layout": "encoder + decoder + decoder_with_past", "opset": opset, "num_layers": len(model.decoder.transformer.h),
+        "layout": "encoder + decoder_model_merged (and the decoder + decoder_with_past pair it merges)", "opset": opset, "num_layers": len(model.decoder.transformer.h),
         "cross_attention_layers": [i for i in range(len(model.decoder.transformer.h)) if i >= model.k],
         "num_heads": n_head, "head_dim": hd, "exporter": "torch.onnx.export (TorchScript), torch " + torch.__version__,
     }, indent=2) + "\n")
     return files
 
 
+def merge_decoders(no_past_path, with_past_path, out_path) -> Path:
+    """One graph for both steps, as optimum's `decoder_model_merged.onnx`: an `If` on the input
+    `use_cache_branch` (bool [1]) runs the with-past graph (true) or the first-step graph (false). Both
+    branches read the outer graph's inputs by name; the weights are stored once in the outer graph (the two
+    exports hold the same tensors, matched by content). A runtime feeds every input at every step: on the
+    first step the past_key_values as empty (B, H, 0, hd) tensors, on later steps encoder_hidden_states as it
+    was (unread)."""
+    import hashlib
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m0, m1 = onnx.load(str(no_past_path)), onnx.load(str(with_past_path))
+    outer: dict[tuple, str] = {}  # (dtype, dims, content hash) -> outer initializer name
+    inits: list = []
+
+    def branch(model, prefix: str):
+        g = model.graph
+        rename = {}
+        for init in g.initializer:
+            key = (init.data_type, tuple(init.dims), hashlib.sha1(numpy_helper.to_array(init).tobytes()).hexdigest())
+            original = init.name
+            if key not in outer:
+                outer[key] = f"w{len(inits)}.{original}"
+                kept = onnx.TensorProto()
+                kept.CopyFrom(init)
+                kept.name = outer[key]
+                inits.append(kept)
+            rename[original] = outer[key]
+        for node in g.node:  # every value a node makes gets the branch's prefix (names must not repeat)
+            for o in node.output:
+                if o:
+                    rename.setdefault(o, prefix + o)
+        nodes = []
+        for node in g.node:
+            new = onnx.NodeProto()
+            new.CopyFrom(node)
+            new.name = prefix + node.name
+            new.input[:] = [rename.get(i, i) for i in node.input]
+            new.output[:] = [rename.get(o, o) for o in node.output]
+            nodes.append(new)
+        outputs = []
+        for o in g.output:
+            out = onnx.ValueInfoProto()
+            out.CopyFrom(o)
+            out.name = rename.get(o.name, o.name)
+            outputs.append(out)
+        return helper.make_graph(nodes, prefix.strip("/"), [], outputs)
+
+    then_branch = branch(m1, "with_past/")
+    else_branch = branch(m0, "no_past/")
+    names1 = [o.name for o in m1.graph.output]
+    if names1 != [o.name for o in m0.graph.output]:
+        raise ExportError("the two decoder graphs have different outputs; cannot merge them")
+    inputs = list(m0.graph.input) + [i for i in m1.graph.input if i.name not in {x.name for x in m0.graph.input}]
+    inputs.append(helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1]))
+    outputs = []
+    for o in m0.graph.output:  # the first step's shapes, with the sequence axes named for both branches
+        out = onnx.ValueInfoProto()
+        out.CopyFrom(o)
+        dims = out.type.tensor_type.shape.dim
+        if o.name == "logits":
+            dims[1].dim_param = "sequence_length"
+        elif ".decoder." in o.name:
+            dims[2].dim_param = "past_sequence_length + sequence_length"
+        outputs.append(out)
+    node = helper.make_node("If", ["use_cache_branch"], names1, name="optimum::if", then_branch=then_branch,
+                            else_branch=else_branch)
+    graph = helper.make_graph([node], "decoder_model_merged", inputs, outputs, initializer=inits)
+    merged = helper.make_model(graph, opset_imports=m0.opset_import, producer_name="mmgpt")
+    merged.ir_version = m0.ir_version
+    onnx.checker.check_model(merged)
+    onnx.save(merged, str(out_path))
+    return Path(out_path)
+
+
 def parity(model, processor, out_dir, rows: int = 3) -> float:
     """Largest |logit difference| between onnxruntime on the export in `out_dir` and PyTorch on `model`,
-    over the encoder, a first decoder step on left-padded prompts (caption and questions) and one cached step."""
+    over the encoder, a first decoder step on left-padded prompts (caption and questions) and one cached step,
+    with the merged decoder and with the pair."""
     import numpy as np
 
     from mmgpt.onnx_runner import OnnxVisionLanguage
 
     model = model.float().eval()
-    ox = OnnxVisionLanguage(out_dir)
     g = torch.Generator().manual_seed(0)
     s = processor.image_size
     pixels = torch.rand(rows, 3, s, s, generator=g) * 2 - 1  # (B, 3, S, S)
@@ -213,12 +289,16 @@ def parity(model, processor, out_dir, rows: int = 3) -> float:
         ref = model(input_ids=ids, attention_mask=mask, encoder_hidden_states=memory).logits  # (B, T, V)
         mask2 = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         ref2 = model(input_ids=torch.cat([ids, nxt], 1), attention_mask=mask2, encoder_hidden_states=memory).logits
-    o_mem = ox.encode(pixels.numpy())
-    logits, cache = ox.first_step(ids.numpy(), mask.numpy(), o_mem)
-    logits2, _ = ox.next_step(nxt.numpy(), mask2.numpy(), cache)
     real = mask.bool().numpy()  # padding positions' logits are never read
-    return float(max(np.abs(o_mem - memory.numpy()).max(), np.abs(logits - ref.numpy())[real].max(),
-                     np.abs(logits2[:, -1] - ref2[:, -1].numpy()).max()))
+    worst = 0.0
+    for merged in (True, False):  # decoder_model_merged.onnx, then the pair it merges
+        ox = OnnxVisionLanguage(out_dir, merged=merged)
+        o_mem = ox.encode(pixels.numpy())
+        logits, cache = ox.first_step(ids.numpy(), mask.numpy(), o_mem)
+        logits2, _ = ox.next_step(nxt.numpy(), mask2.numpy(), cache)
+        worst = max(worst, float(np.abs(o_mem - memory.numpy()).max()), float(np.abs(logits - ref.numpy())[real].max()),
+                    float(np.abs(logits2[:, -1] - ref2[:, -1].numpy()).max()))
+    return worst
 
 
-__all__ = ["ONNX_FILES", "ExportError", "cache_names", "export_onnx", "parity"]
+__all__ = ["MERGED_FILE", "ONNX_FILES", "ExportError", "cache_names", "export_onnx", "merge_decoders", "parity"]

@@ -14,22 +14,24 @@ from pathlib import Path
 
 import numpy as np
 
-from mmgpt.onnx_export import ONNX_FILES, cache_names
+from mmgpt.onnx_export import MERGED_FILE, ONNX_FILES, cache_names
 
 
 def _onnx_dir(folder: Path) -> Path:
     for d in (folder / "onnx", folder):
-        if all((d / f).is_file() for f in ONNX_FILES):
+        if (d / ONNX_FILES[0]).is_file() and ((d / MERGED_FILE).is_file() or all((d / f).is_file() for f in ONNX_FILES)):
             return d
-    raise FileNotFoundError(f"{folder}: no {', '.join(ONNX_FILES)} (write them with `mmgpt export MODEL --format "
-                            "onnx --out DIR`)")
+    raise FileNotFoundError(f"{folder}: no {ONNX_FILES[0]} with {MERGED_FILE} (or {ONNX_FILES[1]} and "
+                            f"{ONNX_FILES[2]}); write them with `mmgpt export MODEL --format onnx --out DIR`")
 
 
 class OnnxVisionLanguage:
-    """Three onnxruntime sessions and the processor saved beside them. `threads`: intra-op threads (None:
-    onnxruntime's default)."""
+    """onnxruntime sessions (the encoder, and the merged decoder or the decoder pair) and the processor saved
+    beside them. `threads`: intra-op threads (None: onnxruntime's default). `merged`: run
+    decoder_model_merged.onnx (None: where the export has it) or the pair."""
 
-    def __init__(self, folder, threads: int | None = None, providers=("CPUExecutionProvider",)):
+    def __init__(self, folder, threads: int | None = None, providers=("CPUExecutionProvider",),
+                 merged: bool | None = None):
         import onnxruntime as ort
 
         from mmgpt.processor import MMGPTProcessor
@@ -40,12 +42,22 @@ class OnnxVisionLanguage:
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
-        self.encoder, self.decoder, self.decoder_with_past = (
-            ort.InferenceSession(os.fspath(onnx_dir / f), sess_options=opts, providers=list(providers))
-            for f in ONNX_FILES)
-        self.processor = MMGPTProcessor.from_pretrained(folder)
-        self.past_names = [i.name for i in self.decoder_with_past.get_inputs()][2:]
+        def session(name):
+            return ort.InferenceSession(os.fspath(onnx_dir / name), sess_options=opts, providers=list(providers))
+
+        self.merged = (onnx_dir / MERGED_FILE).is_file() if merged is None else merged
+        self.encoder = session(ONNX_FILES[0])
+        if self.merged:
+            self.decoder = self.decoder_with_past = session(MERGED_FILE)
+            inputs = self.decoder.get_inputs()
+            self.past_names = [i.name for i in inputs if i.name.startswith("past_key_values.")]
+            self.past_shape = {i.name: i.shape for i in inputs}  # (batch, H, seq, hd): H and hd fixed
+        else:
+            self.decoder, self.decoder_with_past = session(ONNX_FILES[1]), session(ONNX_FILES[2])
+            self.past_names = [i.name for i in self.decoder_with_past.get_inputs()][2:]
         self.present_names = [o.name for o in self.decoder.get_outputs()][1:]
+        self.processor = MMGPTProcessor.from_pretrained(folder)
+        self._memory = None  # the merged graph reads encoder_hidden_states at every step
 
     # --- graphs ----------------------------------------------------------------------------------
 
@@ -54,14 +66,23 @@ class OnnxVisionLanguage:
         return self.encoder.run(None, {"pixel_values": np.ascontiguousarray(pixel_values, np.float32)})[0]
 
     def first_step(self, input_ids, attention_mask, memory) -> tuple[np.ndarray, list[np.ndarray]]:
-        out = self.decoder.run(None, {"input_ids": input_ids.astype(np.int64),
-                                      "attention_mask": attention_mask.astype(np.int64),
-                                      "encoder_hidden_states": memory})
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
+                "encoder_hidden_states": memory}
+        if self.merged:  # the past is read only on the cached branch: empty (B, H, 0, hd) tensors here
+            b = input_ids.shape[0]
+            feed.update({n: np.zeros((b, self.past_shape[n][1], 0, self.past_shape[n][3]), np.float32)
+                         for n in self.past_names})
+            feed["use_cache_branch"] = np.array([False])
+            self._memory = memory
+        out = self.decoder.run(None, feed)
         return out[0], out[1:]  # logits (B, T, V), presents
 
     def next_step(self, input_ids, attention_mask, cache) -> tuple[np.ndarray, list[np.ndarray]]:
         feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
         feed.update(zip(self.past_names, cache))
+        if self.merged:
+            feed["encoder_hidden_states"] = self._memory
+            feed["use_cache_branch"] = np.array([True])
         out = self.decoder_with_past.run(None, feed)
         return out[0], out[1:]
 

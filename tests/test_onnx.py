@@ -15,7 +15,7 @@ pytest.importorskip("onnx")
 
 from mmgpt.api import load
 from mmgpt.cli import main
-from mmgpt.onnx_export import ONNX_FILES, cache_names, parity
+from mmgpt.onnx_export import MERGED_FILE, ONNX_FILES, cache_names, parity
 from mmgpt.onnx_runner import OnnxVisionLanguage
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -36,26 +36,31 @@ def vl():
 def test_layout_and_names(exported, vl):
     import onnx
 
-    for name in ONNX_FILES:
+    for name in (*ONNX_FILES, MERGED_FILE):
         onnx.checker.check_model(str(exported / "onnx" / name))
     for name in ("config.json", "generation_config.json", "tokenizer.json", "mmgpt_processor.json"):
         assert (exported / name).is_file(), name
-    ox = OnnxVisionLanguage(exported)
+    ox = OnnxVisionLanguage(exported, merged=False)
     assert [i.name for i in ox.encoder.get_inputs()] == ["pixel_values"]
     assert [o.name for o in ox.encoder.get_outputs()] == ["last_hidden_state"]
     past = cache_names(vl.model, "past_key_values")
     assert "past_key_values.0.decoder.key" in past and "past_key_values.1.encoder.value" in past
     assert [i.name for i in ox.decoder_with_past.get_inputs()] == ["input_ids", "attention_mask", *past]
     assert [o.name for o in ox.decoder.get_outputs()] == ["logits", *cache_names(vl.model, "present")]
+    merged = OnnxVisionLanguage(exported).decoder  # what transformers.js loads
+    assert [i.name for i in merged.get_inputs()] == ["input_ids", "attention_mask", "encoder_hidden_states", *past,
+                                                      "use_cache_branch"]
+    assert [o.name for o in merged.get_outputs()] == ["logits", *cache_names(vl.model, "present")]
 
 
 def test_logits_match_pytorch(exported, vl):
     assert parity(vl.model, vl.processor, exported, rows=3) < 1e-4
 
 
-def test_logits_match_pytorch_by_hand(exported, vl):
+@pytest.mark.parametrize("merged", [True, False])
+def test_logits_match_pytorch_by_hand(exported, vl, merged):
     """A second check written without parity(): a longer cached run against the uncached forward."""
-    ox = OnnxVisionLanguage(exported)
+    ox = OnnxVisionLanguage(exported, merged=merged)
     proc, model = vl.processor, vl.model
     px = proc.images(world_images()[:2])
     batch = proc.batch_prompts(["vqa", "caption"], [QUESTION, ""])
@@ -74,8 +79,9 @@ def test_logits_match_pytorch_by_hand(exported, vl):
     assert np.abs(np.stack(steps, 1) - ref_steps).max() < 1e-4
 
 
-def test_greedy_captions_and_answers_equal_mmgpt(exported, vl):
-    ox = OnnxVisionLanguage(exported, threads=1)
+@pytest.mark.parametrize("merged", [True, False])
+def test_greedy_captions_and_answers_equal_mmgpt(exported, vl, merged):
+    ox = OnnxVisionLanguage(exported, threads=1, merged=merged)
     ims = world_images()
     assert ox.caption(ims) == vl.caption(ims) == CAPTIONS
     assert ox.ask(ims, QUESTION) == vl.ask(ims, QUESTION) == ANSWERS

@@ -15,7 +15,19 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, IterableDataset
 
 from mmgpt.model_card import write_run_cards
-from train.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from train.checkpoint import (
+    DiskFull,
+    disk_full_message,
+    is_disk_full,
+    latest_checkpoint,
+    list_checkpoints,
+    previous_checkpoint,
+    save_checkpoint,
+    truncate_log_after,
+    unreadable_file,
+    unreadable_random_states,
+    write_folder_atomically,
+)
 from train.collate import MODEL_KEYS, Collator
 from train.config import ConfigError, TrainConfig, to_dict, usable_trackers
 from train.data.bad import BadDataCounter, DataError
@@ -170,7 +182,20 @@ def _log(path: Path, record: dict) -> None:
 
 
 def run_training(cfg: TrainConfig, accelerator=None) -> dict:
-    """Train per `cfg`; returns a summary dict. Writes OUT/metrics.jsonl, OUT/checkpoints, OUT/model."""
+    """Train per `cfg`; returns a summary dict. Writes OUT/metrics.jsonl, OUT/checkpoints, OUT/model.
+    A full disk anywhere is one TrainingError line: "no space left on DEVICE at PATH: ..."."""
+    try:
+        return _run_training(cfg, accelerator)
+    except DiskFull as err:  # a checkpoint or the model: the partial folder is already removed
+        raise TrainingError(str(err)) from None
+    except Exception as err:
+        if not is_disk_full(err, Path(cfg.output_dir)):
+            raise
+        raise TrainingError(disk_full_message(err, Path(cfg.output_dir), "free some space, then continue with "
+                                              "resume=latest")) from None
+
+
+def _run_training(cfg: TrainConfig, accelerator=None) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
@@ -271,9 +296,14 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
                               "optim.name, freeze.* and per-part learning rates it was trained with") from None
         except RuntimeError as err:
             if "Error(s) in loading state_dict" not in str(err):  # a corrupt file, memory: not a config matter
-                raise
+                _corrupt_checkpoint(resume_from, err)
             raise ConfigError(f"resume: the checkpoint's weights do not fit this run's model ({_first_line(err)}); resume with "
                               "the model, lora.* and freeze.* settings it was trained with") from None
+        except Exception as err:  # noqa: BLE001 - a truncated or damaged file (safetensors, pickle, zip errors)
+            _corrupt_checkpoint(resume_from, err)
+        if main and (why := unreadable_random_states(resume_from, accelerator.process_index)):
+            print(f"warning: resume: {why} in {resume_from}: the run goes on with fresh random states, so its data "
+                  "order and random augmentations differ from an uninterrupted run's", flush=True)
         if main:
             _set_aside_later_checkpoints(ckpt_dir, resume_from, saved["step"])
         if "seen_items" not in saved:  # written before the count was kept: its bad records can't be judged
@@ -458,7 +488,7 @@ def run_training(cfg: TrainConfig, accelerator=None) -> dict:
         summary = _evaluate(accelerator, unwrapped, processor, cfg, state["step"], metrics_path)
         best = _keep_best(accelerator, unwrapped, processor, cfg, summary, best, out, state["step"])
     if main:
-        export_model(unwrapped, processor, out / "model", cfg.lora.enabled)
+        _export_final(unwrapped, processor, cfg, out, state["step"])
         write_run_cards(out, to_dict(cfg), state["step"], train_seconds)  # README.md cards in OUT/model, OUT/best
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -623,12 +653,36 @@ def _keep_best(accelerator, model, processor, cfg, metrics, best, out: Path, ste
     value = metrics[cfg.best_metric]
     if best is None or value > best:
         if accelerator.is_main_process:
-            tmp = out / "best.tmp"
-            export_model(model, processor, tmp, cfg.lora.enabled)
-            final = out / "best"
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            (final / "best_metric.json").write_text(json.dumps({cfg.best_metric: value, "step": step}) + "\n")
+
+            def write(folder: Path) -> None:
+                export_model(model, processor, folder, cfg.lora.enabled)
+                (folder / "best_metric.json").write_text(json.dumps({cfg.best_metric: value, "step": step}) + "\n")
+
+            write_folder_atomically(write, out / "best")  # a full disk keeps the previous best whole
         return value
     return best
+
+
+def _export_final(model, processor, cfg: TrainConfig, out: Path, step: int) -> None:
+    """OUT/model, written whole or not at all. On a full disk the log is cut back to the last checkpoint
+    (what resume=latest trains again from), so metrics.jsonl never runs ahead of a model that exists."""
+    try:
+        write_folder_atomically(lambda folder: export_model(model, processor, folder, cfg.lora.enabled), out / "model")
+    except DiskFull as err:
+        last = latest_checkpoint(out / "checkpoints")
+        truncate_log_after(out / "metrics.jsonl", int(last.name.split("-")[1]) if last else 0)
+        then = (f"metrics.jsonl now ends at {last.name}, the last checkpoint; free some space, then continue with "
+                "resume=latest" if last else "no checkpoint was written (metrics.jsonl emptied); free some space, "
+                "then run again with overwrite=true")
+        raise DiskFull(f"{err} at step {step}; {then}") from None
+
+
+def _corrupt_checkpoint(ckpt: Path, err: BaseException):
+    """A checkpoint that does not load: TrainingError naming its unreadable file and the checkpoint
+    before it, to resume from instead."""
+    found = unreadable_file(ckpt)
+    what = f"{found[0]} is unreadable ({found[1]})" if found else f"it does not load ({_first_line(err)})"
+    prev = previous_checkpoint(ckpt)
+    then = (f"resume from the previous complete checkpoint with resume={prev}" if prev else
+            "there is no earlier complete checkpoint: start over with overwrite=true")
+    raise TrainingError(f"resume: checkpoint {ckpt}: {what}; {then}") from None

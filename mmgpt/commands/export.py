@@ -48,5 +48,5 @@ def run(args) -> int:
         from mmgpt.onnx_export import parity
 
         err = parity(vl.model, vl.processor, args.out)
-        print(f"onnxruntime vs PyTorch: largest logit difference {err:.2e} (encoder, first step, one cached step)")
+        print(f"onnxruntime vs PyTorch: largest logit difference {err:.2e} (encoder, first step, one cached step; merged decoder and the pair)")
     return 0

@@ -26,6 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest request body (default: 10)")
     parser.add_argument("--max-pixels", type=int, default=4096 * 4096, metavar="N",
                         help="largest image, width x height (default: 4096 x 4096)")
+    parser.add_argument("--max-request-pixels", type=int, default=4 * 4096 * 4096, metavar="N",
+                        help="most pixels one request's images may have in all (default: 4 x 4096 x 4096); "
+                             "images far larger than the model's input are decoded reduced")
+    parser.add_argument("--max-inflight-pixels", type=int, default=8 * 4096 * 4096, metavar="N",
+                        help="most pixels decoded at once over all requests; more wait (default: 8 x 4096 x 4096)")
+    parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="a web origin (e.g. http://localhost:3000; '*' for any) whose pages may call the API; "
+                             "repeat for several. Other cross-origin requests are refused (403)")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
                         help="seconds a request may take, queueing included (default: 30)")
 
@@ -51,12 +59,15 @@ def run(args) -> int:
             max_wait_ms=args.max_wait_ms,
             max_upload_bytes=int(args.max_upload_mb * 2**20),
             max_pixels=args.max_pixels,
+            max_request_pixels=args.max_request_pixels,
+            max_inflight_pixels=args.max_inflight_pixels,
             timeout_s=args.timeout,
         )
     except ValueError as err:  # name the flag, not the field: "timeout_s must be > 0" -> "--timeout ..."
         msg = str(err)
         for field, flag in (("max_batch_size", "--max-batch-size"), ("max_wait_ms", "--max-wait-ms"),
-                            ("max_pixels", "--max-pixels"),
+                            ("max_request_pixels", "--max-request-pixels"),
+                            ("max_inflight_pixels", "--max-inflight-pixels"), ("max_pixels", "--max-pixels"),
                             ("timeout_s", "--timeout")):
             msg = msg.replace(field, flag)
         raise UserError(msg) from None
@@ -65,7 +76,10 @@ def run(args) -> int:
     except OSError as err:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({err.strerror or err})") from None
     try:
-        app = create_app(_load_pipeline(args), **asdict(config), name=model_name(args.model))
+        # on a loopback address only loopback Host names (no DNS rebinding); elsewhere the operator's choice
+        hosts = "loopback" if is_loopback(args.host) else None
+        app = create_app(_load_pipeline(args), **asdict(config), name=model_name(args.model), allowed_hosts=hosts,
+                         allowed_origins=args.allow_origin)
         if not is_loopback(args.host):
             print(f"mmgpt serve: listening on {args.host}, reachable from other machines; the API has no "
                   "authentication", file=sys.stderr)

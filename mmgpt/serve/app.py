@@ -1,5 +1,7 @@
 """The HTTP app: JSON endpoints over a pipeline, dynamic batching, a streaming answer endpoint, the
-web page, and the limits (413 body or pixels, 415 not an image, 422 bad fields or options, 504 slow).
+web page, and the limits (413 body or pixels, 415 not an image, 422 bad fields or options, 504 slow),
+behind middleware that every route gets: Host and Origin checks (400, 403), the body size (413) and
+the JSON depth (422).
 
     app = create_app("runs/shapes/final", max_batch_size=16, max_wait_ms=10)
     uvicorn.run(app, host="127.0.0.1", port=8000)
@@ -23,12 +25,21 @@ from pathlib import Path
 
 import torch
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from mmgpt.serve import schemas
 from mmgpt.serve.batching import DynamicBatcher
-from mmgpt.serve.inputs import BodyLimit, decode_images, parse_body
+from mmgpt.serve.guards import MAX_JSON_DEPTH, HostOriginGuard, JsonDepthLimit
+from mmgpt.serve.inputs import (
+    BodyLimit,
+    ImageLimits,
+    ImageLimitsScope,
+    PixelBudget,
+    decode_images,
+    parse_body,
+)
 from mmgpt.serve.page import render_page
 
 log = logging.getLogger(__name__)
@@ -42,13 +53,19 @@ class ServeConfig:
     max_wait_ms: float = 10.0
     max_upload_bytes: int = 10 * 2**20  # a whole request body
     max_pixels: int = 4096 * 4096  # per image, checked from the header before decoding
+    max_request_pixels: int = 4 * 4096 * 4096  # all images of one request (a 16 x 4096^2 request: 413)
+    max_inflight_pixels: int = 8 * 4096 * 4096  # being decoded at once, all requests; more wait their turn
     timeout_s: float = 30.0  # per request, queueing included
     max_streams: int = 4  # streaming answers generated at once; more wait their turn
 
     def __post_init__(self):
-        for name in ("max_batch_size", "max_upload_bytes", "max_pixels", "max_streams"):
+        for name in ("max_batch_size", "max_upload_bytes", "max_pixels", "max_request_pixels", "max_inflight_pixels",
+                     "max_streams"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for small, large in (("max_pixels", "max_request_pixels"), ("max_request_pixels", "max_inflight_pixels")):
+            if getattr(self, large) < getattr(self, small):
+                raise ValueError(f"{large} ({getattr(self, large)}) must be >= {small} ({getattr(self, small)})")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.timeout_s <= 0:
@@ -101,9 +118,23 @@ def _load(pipeline_or_model_dir, device, dtype):
     return pipeline_or_model_dir, type(pipeline_or_model_dir).__name__
 
 
-def _body_doc(model: type[BaseModel]) -> dict:
-    """OpenAPI request body for a route that reads JSON or multipart itself."""
+def _question_limit(pipeline) -> int | None:
+    """Positions a question's prompt must stay under: a GPT-2 decoder's n_positions (the model refuses a
+    prompt that fills them, leaving no room for the answer). None for decoders without a fixed limit."""
+    model, processor = getattr(pipeline, "model", None), getattr(pipeline, "processor", None)
+    tc = getattr(getattr(model, "config", None), "text_config", None)
+    if processor is None or getattr(tc, "model_type", None) != "gpt2" or getattr(model, "uses_prefix", False):
+        return None
+    return int(tc.n_positions)
+
+
+def _body_doc(model: type[BaseModel], question: str | None = None) -> dict:
+    """OpenAPI request body for a route that reads JSON or multipart itself, with every error it answers;
+    `question`: what the question field's description adds (this model's limit)."""
     schema = model.model_json_schema()
+    if question and "question" in schema["properties"]:
+        prop = schema["properties"]["question"]
+        prop["description"] = f"{prop.get('description', 'the question')}; {question}"
     form = json.loads(json.dumps(schema))
     for name, prop in form["properties"].items():
         if name.startswith("image"):
@@ -111,6 +142,9 @@ def _body_doc(model: type[BaseModel]) -> dict:
             form["properties"][name] = {**prop, "items": binary} if prop.get("type") == "array" else binary
     content = {"application/json": {"schema": schema}, "multipart/form-data": {"schema": form}}
     return {"requestBody": {"required": True, "content": content}}
+
+
+ROUTE_ERRORS = schemas.error_responses()  # 400 403 413 415 422 504
 
 
 class _Cancel:
@@ -136,13 +170,22 @@ def create_app(
     max_pixels: int = ServeConfig.max_pixels,
     timeout_s: float = ServeConfig.timeout_s,
     max_streams: int = ServeConfig.max_streams,
+    max_request_pixels: int = ServeConfig.max_request_pixels,
+    max_inflight_pixels: int = ServeConfig.max_inflight_pixels,
     device=None,
     dtype=None,
     name: str | None = None,
+    allowed_hosts: str | list[str] | None = None,
+    allowed_origins: list[str] | tuple[str, ...] = (),
 ) -> FastAPI:
     """A FastAPI app serving a pipeline, or the model in a folder (loaded here, once, on `device`
-    in `dtype`). `name` is shown on the page and in /health (default: the folder's name)."""
-    config = ServeConfig(max_batch_size, max_wait_ms, max_upload_bytes, max_pixels, timeout_s, max_streams)
+    in `dtype`). `name` is shown on the page and in /health (default: the folder's name).
+
+    `allowed_hosts`: the Host names answered (None: any; "loopback": loopback names only, what
+    `mmgpt serve` sets on a loopback address). `allowed_origins`: web origins (e.g.
+    "http://localhost:3000", or "*") whose pages may call the API; other cross-origin requests get 403."""
+    config = ServeConfig(max_batch_size, max_wait_ms, max_upload_bytes, max_pixels, max_request_pixels,
+                         max_inflight_pixels, timeout_s, max_streams)
     pipeline, default_name = _load(pipeline_or_model_dir, device, dtype)
     name = name or default_name
     defaults = _bounded_defaults(pipeline)
@@ -166,8 +209,25 @@ def create_app(
         summary="Caption images, answer questions about them, embed and compare images and texts.",
         lifespan=lifespan,
     )
+    processor = getattr(pipeline, "processor", None)
+    images = ImageLimits(max_pixels, max_request_pixels, PixelBudget(max_inflight_pixels),
+                         side=getattr(processor, "image_size", None))
+    # outermost last: who may call (Host, Origin), CORS answers for allowed origins, the body size, the JSON
+    # depth, the image budgets (every route, present and future, gets them all)
+    app.add_middleware(ImageLimitsScope, limits=images)
+    app.add_middleware(JsonDepthLimit, max_depth=MAX_JSON_DEPTH)
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
-    app.state.config, app.state.batcher, app.state.pipeline = config, batcher, pipeline
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["*"])
+    app.add_middleware(HostOriginGuard, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
+    app.state.config, app.state.batcher, app.state.pipeline, app.state.images = config, batcher, pipeline, images
+    limit = _question_limit(pipeline)
+    question_doc = None
+    if limit is not None:
+        room = limit - 1 - len(processor.encode_prompt("vqa", ""))
+        question_doc = (f"at most {room} tokens of this model's tokenizer (its decoder reads {limit} positions, "
+                        "the prompt included); a longer question is answered 422")
 
     async def within_timeout(coro):
         try:
@@ -184,7 +244,8 @@ def create_app(
     async def index() -> str:
         return page
 
-    @app.get("/health", responses={503: {"description": "the batch worker is not running"}})
+    @app.get("/health", responses={503: {"description": "the batch worker is not running"},
+                                   **schemas.error_responses(400, 403)})
     async def health() -> JSONResponse:
         return JSONResponse(status_code=200 if batcher.running else 503, content={
             "status": "ok" if batcher.running else "unavailable",
@@ -195,32 +256,35 @@ def create_app(
             "config": asdict(config),
         })
 
-    @app.post("/v1/caption", response_model=schemas.CaptionResponse, openapi_extra=_body_doc(schemas.CaptionRequest))
+    @app.post("/v1/caption", response_model=schemas.CaptionResponse, openapi_extra=_body_doc(schemas.CaptionRequest),
+              responses=ROUTE_ERRORS)
     async def caption(request: Request) -> schemas.CaptionResponse:
         async def go():
             req = await body(request, schemas.CaptionRequest)
-            images = await decode_images(req.images, "images", max_pixels)
+            images = await decode_images(req.images, "images", app.state.images)
             return schemas.CaptionResponse(captions=await batcher.submit_many(Work("caption", options(req)), images))
 
         return await within_timeout(go())
 
-    @app.post("/v1/ask", response_model=schemas.AskResponse, openapi_extra=_body_doc(schemas.AskRequest))
+    @app.post("/v1/ask", response_model=schemas.AskResponse, openapi_extra=_body_doc(schemas.AskRequest, question_doc),
+              responses=ROUTE_ERRORS)
     async def ask(request: Request) -> schemas.AskResponse:
         async def go():
             req = await body(request, schemas.AskRequest)
-            images = await decode_images(req.images, "images", max_pixels)
+            images = await decode_images(req.images, "images", app.state.images)
             items = [(im, req.question) for im in images]
             return schemas.AskResponse(answers=await batcher.submit_many(Work("ask", options(req)), items))
 
         return await within_timeout(go())
 
     async def embed_all(images: list[bytes], texts: list[str]) -> tuple[list, list]:
-        decoded = await decode_images(images, "images", max_pixels)
+        decoded = await decode_images(images, "images", app.state.images)
         return await asyncio.gather(
             batcher.submit_many(Work("embed_image"), decoded), batcher.submit_many(Work("embed_text"), texts)
         )
 
-    @app.post("/v1/embed", response_model=schemas.EmbedResponse, openapi_extra=_body_doc(schemas.EmbedRequest))
+    @app.post("/v1/embed", response_model=schemas.EmbedResponse, openapi_extra=_body_doc(schemas.EmbedRequest),
+              responses=ROUTE_ERRORS)
     async def embed(request: Request) -> schemas.EmbedResponse:
         async def go():
             req = await body(request, schemas.EmbedRequest)
@@ -231,7 +295,8 @@ def create_app(
         return await within_timeout(go())
 
     @app.post(
-        "/v1/similarity", response_model=schemas.SimilarityResponse, openapi_extra=_body_doc(schemas.SimilarityRequest)
+        "/v1/similarity", response_model=schemas.SimilarityResponse, openapi_extra=_body_doc(schemas.SimilarityRequest),
+        responses=ROUTE_ERRORS,
     )
     async def similarity(request: Request) -> schemas.SimilarityResponse:
         async def go():
@@ -245,8 +310,8 @@ def create_app(
     @app.post(
         "/v1/ask/stream",
         response_class=StreamingResponse,
-        openapi_extra=_body_doc(schemas.AskStreamRequest),
-        responses={200: {"content": {"text/event-stream": {}},
+        openapi_extra=_body_doc(schemas.AskStreamRequest, question_doc),
+        responses={**ROUTE_ERRORS, 200: {"content": {"text/event-stream": {}},
                          "description": 'server-sent events: `data: {"text": piece}` per piece, then '
                                         '`event: done` with `{"answer": ...}`, or `event: error` with `{"detail": ...}`'}},
     )
@@ -267,7 +332,7 @@ def create_app(
         async def start() -> tuple[Iterator[str], object]:
             nonlocal held
             req = await body(request, schemas.AskStreamRequest)
-            (image,) = await decode_images([req.image], "image", max_pixels)
+            (image,) = await decode_images([req.image], "image", app.state.images)
             await streams[0].acquire()
             held = True
             # a response whose body is never read (client gone at once) must not keep the slot

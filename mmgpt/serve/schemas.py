@@ -53,7 +53,11 @@ def _not_bool(value: Any) -> Any:
     return value
 
 
-Count = Annotated[int, BeforeValidator(_not_bool)]
+def Count(low: int, high: int) -> Any:  # a type, named as one
+    """An integer in [low, high], written into the schema as `minimum` / `maximum`: the bounds come before
+    the validator (after it, or on the field of an `X | None`, pydantic writes `ge` / `le`, which no client
+    reads)."""
+    return Annotated[int, Field(ge=low, le=high), BeforeValidator(_not_bool)]
 
 
 class Body(BaseModel):
@@ -75,10 +79,8 @@ class Generation(Body):
     """Generation options, bounded so one request cannot hold the model for long."""
 
     # None: the model's saved generation_config, else 32 tokens and greedy (as `mmgpt.load(...)` does)
-    max_new_tokens: Count | None = Field(None, ge=1, le=MAX_NEW_TOKENS,
-                                         description="longest output, in tokens (default: the model's, else 32)")
-    num_beams: Count | None = Field(None, ge=1, le=MAX_BEAMS,
-                                    description="beam search width (1: greedy; default: the model's, else 1)")
+    max_new_tokens: Count(1, MAX_NEW_TOKENS) | None = Field(None, description="longest output, in tokens (default: the model's, else 32)")
+    num_beams: Count(1, MAX_BEAMS) | None = Field(None, description="beam search width (1: greedy; default: the model's, else 1)")
 
     def options(self) -> tuple[tuple[str, int], ...]:
         """Hashable: requests with equal options can share a batch. Only the options the request set."""
@@ -98,8 +100,7 @@ class AskRequest(Generation):
 class AskStreamRequest(Generation):
     image: ImageData
     question: Text
-    num_beams: Count | None = Field(None, ge=1, le=1,
-                                    description="streaming is greedy: beam search settles tokens only at the end")
+    num_beams: Count(1, 1) | None = Field(None, description="streaming is greedy: beam search settles tokens only at the end")
 
 
 class EmbedRequest(Body):
@@ -133,3 +134,25 @@ class EmbedResponse(BaseModel):
 
 class SimilarityResponse(BaseModel):
     similarity: list[list[float]] = Field(description="(N_images, N_texts) cosine similarities")
+
+
+class ErrorResponse(BaseModel):
+    """Every error: `detail` is a message, or for 422 a list of {loc, msg, type} (pydantic's errors)."""
+
+    detail: str | list[dict[str, Any]]
+
+
+ERRORS = {
+    400: "the Host header is not one this server answers to",
+    403: "a request from another origin (a web page elsewhere) that --allow-origin does not allow",
+    413: "the body, an image, or the request's images in all are over the limits (GET /health: config)",
+    415: "an image that is not an image, or a body that is neither JSON nor multipart/form-data",
+    422: "invalid JSON (or nested too deep), a field out of its range, or input the model cannot take "
+         "(e.g. a question longer than its decoder reads)",
+    504: "no answer within the request time limit",
+}
+
+
+def error_responses(*codes: int) -> dict:
+    """The OpenAPI `responses` of the errors a route can answer with."""
+    return {code: {"model": ErrorResponse, "description": ERRORS[code]} for code in codes or ERRORS}
