@@ -42,6 +42,24 @@ class ChatTurn:
     finish_reason: str  # "stop" (end of turn) or "length" (max_new_tokens)
 
 
+class ChatStream:
+    """The text pieces of one streamed answer (an iterator of str); `turn` is its ChatTurn once the pieces
+    have run out (None before, or when generation failed)."""
+
+    def __init__(self, pieces: Iterator[str], done: list):
+        self._pieces, self._done = pieces, done
+
+    def __iter__(self) -> ChatStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    @property
+    def turn(self) -> ChatTurn | None:
+        return self._done[0] if self._done else None
+
+
 class ChatEngine:
     """Conversations for one `VisionLanguagePipeline` (`vl.chat`, `vl.stream_chat`, `vl.chat_batch`)."""
 
@@ -142,7 +160,11 @@ class ChatEngine:
     def chat(self, messages, images=None, **gen) -> str:
         return self._generate(messages, images, gen).text
 
-    def stream(self, messages, images=None, **gen) -> Iterator[str]:
+    def answer(self, messages, images=None, **gen) -> ChatTurn:
+        """`chat`, with its accounting: the ChatTurn of this answer (not another thread's, as `last` may be)."""
+        return self._generate(messages, images, gen)
+
+    def stream(self, messages, images=None, **gen) -> ChatStream:
         from transformers import TextIteratorStreamer
 
         if gen.get("num_beams", 1) != 1:
@@ -150,22 +172,27 @@ class ChatEngine:
         self._prepare(messages, images, gen)  # bad messages and images fail here, in the caller's thread
         streamer = TextIteratorStreamer(self.vl.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []
+        done: list[ChatTurn] = []
 
         def work():
             try:
-                self._generate(messages, images, gen, streamer=streamer)
+                done.append(self._generate(messages, images, gen, streamer=streamer))
             except BaseException as err:  # noqa: BLE001 - handed to the consumer
                 failure.append(err)
                 streamer.end()
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        return self.vl._tidy_stream(streamer, thread, failure)
+        return ChatStream(self.vl._tidy_stream(streamer, thread, failure), done)
 
-    @torch.inference_mode()
     def batch(self, conversations: Sequence, gen: dict) -> list[str]:
         """Several conversations (each messages, or (messages, images)) in one generate call, left-padded,
         rows with different numbers of images side by side (no state kept: the dynamic batcher's path)."""
+        return [turn.text for turn in self.batch_turns(conversations, gen)]
+
+    @torch.inference_mode()
+    def batch_turns(self, conversations: Sequence, gen: dict) -> list[ChatTurn]:
+        """`batch`, with each row's accounting (reused_tokens 0: a batch keeps no state)."""
         vl = self.vl
         gen = vl._gen_kwargs(gen, len(conversations))
         normed = []
@@ -183,4 +210,11 @@ class ChatEngine:
         pixels = vl.pixels([im for _, ims in normed for im in ims])
         slots = image_slots([len(ims) for _, ims in normed]).to(vl.device)
         out = vl.model.generate(pixel_values=pixels, image_slots=slots, input_ids=ids, attention_mask=mask, **gen)
-        return p.batch_decode(out[:, ids.shape[1]:])
+        texts = p.batch_decode(out[:, ids.shape[1]:])
+        turns = []
+        for e, (_, ims), text, new in zip(enc, normed, texts, out[:, ids.shape[1]:].tolist()):
+            finished = p.eos_id in new
+            turns.append(ChatTurn(text=text, prompt_tokens=len(e), reused_tokens=0,
+                                  completion_tokens=(new.index(p.eos_id) + 1) if finished else len(new),
+                                  images_encoded=len(ims), finish_reason="stop" if finished else "length"))
+        return turns

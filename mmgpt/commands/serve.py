@@ -7,10 +7,18 @@ Listens on 127.0.0.1 unless --host says otherwise. fastapi and uvicorn are impor
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import asdict
 
 from mmgpt.commands.use import _add_common, _load_pipeline, quiet
+
+_NO_KEY_WARNING = """
+**************************************************************************************************
+ WARNING: mmgpt serve listens on {host}, reachable from other machines, and has NO API KEY:
+ anyone who reaches this port can use the model. Give one with --api-key KEY (or MMGPT_API_KEY);
+ clients then send 'Authorization: Bearer KEY' (the openai client's api_key).
+**************************************************************************************************"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "repeat for several. Other cross-origin requests are refused (403)")
     parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
                         help="seconds a request may take, queueing included (default: 30)")
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help="require 'Authorization: Bearer KEY' on every /v1 route, the OpenAI-compatible API "
+                             "included (default: the MMGPT_API_KEY environment variable, else no key)")
 
 
 @quiet
@@ -71,6 +82,9 @@ def run(args) -> int:
                             ("timeout_s", "--timeout")):
             msg = msg.replace(field, flag)
         raise UserError(msg) from None
+    api_key = args.api_key if args.api_key is not None else (os.environ.get("MMGPT_API_KEY") or None)
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key (or MMGPT_API_KEY) is empty: give a key, or leave both out for none")
     try:
         sock = bind(args.host, args.port)
     except OSError as err:
@@ -79,10 +93,9 @@ def run(args) -> int:
         # on a loopback address only loopback Host names (no DNS rebinding); elsewhere the operator's choice
         hosts = "loopback" if is_loopback(args.host) else None
         app = create_app(_load_pipeline(args), **asdict(config), name=model_name(args.model), allowed_hosts=hosts,
-                         allowed_origins=args.allow_origin)
-        if not is_loopback(args.host):
-            print(f"mmgpt serve: listening on {args.host}, reachable from other machines; the API has no "
-                  "authentication", file=sys.stderr)
+                         allowed_origins=args.allow_origin, api_key=api_key)
+        if not is_loopback(args.host) and not api_key:
+            print(_NO_KEY_WARNING.format(host=args.host), file=sys.stderr)
         port = sock.getsockname()[1]
         print(f"mmgpt serve: {args.model} on http://{args.host}:{port}/ (API docs at /docs)", file=sys.stderr)
         serve(app, sock)

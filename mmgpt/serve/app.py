@@ -76,7 +76,7 @@ class ServeConfig:
 class Work:
     """What one model call does; requests with equal Work share batches."""
 
-    task: str  # caption | ask | embed_image | embed_text
+    task: str  # caption | ask | embed_image | embed_text | chat
     options: tuple = ()
 
 
@@ -101,6 +101,10 @@ def run_batch(pipeline, work: Work, items: list) -> list:
         return list(pipeline.embed_images(items, batch_size=len(items)))  # rows of (N, E)
     if work.task == "embed_text":
         return list(pipeline.embed_texts(items, batch_size=len(items)))
+    if work.task == "chat":  # conversations -> ChatTurns (the OpenAI-compatible API's)
+        from mmgpt.serve.openai_api import run_chat
+
+        return run_chat(pipeline, items, opts)
     raise ValueError(f"unknown task {work.task!r}")
 
 
@@ -177,13 +181,15 @@ def create_app(
     name: str | None = None,
     allowed_hosts: str | list[str] | None = None,
     allowed_origins: list[str] | tuple[str, ...] = (),
+    api_key: str | None = None,
 ) -> FastAPI:
     """A FastAPI app serving a pipeline, or the model in a folder (loaded here, once, on `device`
     in `dtype`). `name` is shown on the page and in /health (default: the folder's name).
 
     `allowed_hosts`: the Host names answered (None: any; "loopback": loopback names only, what
     `mmgpt serve` sets on a loopback address). `allowed_origins`: web origins (e.g.
-    "http://localhost:3000", or "*") whose pages may call the API; other cross-origin requests get 403."""
+    "http://localhost:3000", or "*") whose pages may call the API; other cross-origin requests get 403.
+    `api_key`: when given, every /v1 route needs `Authorization: Bearer <api_key>` (401 else)."""
     config = ServeConfig(max_batch_size, max_wait_ms, max_upload_bytes, max_pixels, max_request_pixels,
                          max_inflight_pixels, timeout_s, max_streams)
     pipeline, default_name = _load(pipeline_or_model_dir, device, dtype)
@@ -217,6 +223,10 @@ def create_app(
     app.add_middleware(ImageLimitsScope, limits=images)
     app.add_middleware(JsonDepthLimit, max_depth=MAX_JSON_DEPTH)
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
+    from mmgpt.serve.openai_api import ApiKey, openai_router  # imports this module: not at the top
+
+    if api_key:  # every /v1 route, the OpenAI-compatible ones and the rest; inside CORS (preflights answered)
+        app.add_middleware(ApiKey, key=api_key)
     if allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"])
@@ -369,4 +379,5 @@ def create_app(
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
+    app.include_router(openai_router(app, name, streams, defaults["max_new_tokens"]))
     return app
