@@ -138,6 +138,13 @@ def test_piped_lines_are_turns_answered_as_vl_chat(capsys, monkeypatch, model_di
     system = {"role": "system", "content": "be brief"}
     assert rc == 0 and out.splitlines() == [vl.chat([system, user(Q2, images["blue"])], max_new_tokens=1)]
 
+    # --temperature samples, --seed makes it reproducible: as vl.chat sampling from the same seed
+    rc, out, _ = piped(capsys, monkeypatch, f"{Q1}\n", model_dir, images["red"], "--temperature", "5", "--seed", "3")
+    torch.manual_seed(3)
+    sampled = vl.chat([user(Q1, images["red"])], do_sample=True, temperature=5.0, num_beams=1)
+    assert rc == 0 and out == sampled.replace("\r", " ").replace("\n", " ") + "\n"
+    assert sampled != ANSWERS["red"][0]  # it did sample
+
 
 def test_piped_image_and_reset(capsys, monkeypatch, model_dir, vl, images):
     red, blue = images["red"], images["blue"]

@@ -57,6 +57,9 @@ class _Stop:
 class TurnError(Exception):
     """A mistake in one turn (bad image, no image, a refused conversation): one line, then go on."""
 
+    def __str__(self) -> str:
+        return " ".join(super().__str__().split())
+
 
 @dataclass
 class Conversation:
@@ -107,10 +110,9 @@ def _gen_options(args) -> dict:
 class Chat:
     """One terminal conversation: reads commands and questions, prints answers."""
 
-    def __init__(self, vl, args, interactive: bool):
-        self.vl, self.interactive = vl, interactive
-        self.conv = Conversation(system=args.system)
-        self.gen = _gen_options(args)
+    def __init__(self, vl, gen: dict, interactive: bool, system: str | None = None):
+        self.vl, self.gen, self.interactive = vl, gen, interactive
+        self.conv = Conversation(system=system)
         model = getattr(vl, "model", None)
         config = getattr(model, "config", None)
         # cross-attention reads at most config.max_images images; prefix models are bounded by their context
@@ -280,13 +282,13 @@ def run(args) -> int:
     import warnings
 
     interactive = sys.stdin.isatty()
-    _gen_options(args)  # a bad option is reported before the model loads
+    gen = _gen_options(args)  # a bad option is reported before the model loads
     vl = _load_pipeline(args)
     if args.seed is not None:
         import torch
 
         torch.manual_seed(args.seed)
-    chat = Chat(vl, args, interactive)
+    chat = Chat(vl, gen, interactive, system=args.system)
     shown = warnings.showwarning
     warnings.showwarning = _warn_in_one_line
     try:
