@@ -141,6 +141,21 @@ def test_webdataset_sample_with_a_questions_list(tmp_path, capsys):
     assert "['source']" in err  # the reader's note reaches the user
 
 
+def test_a_questions_list_in_jsonl_rows(tmp_path):
+    names = _world_folder(tmp_path)
+    rows = [{"image": names[0], "questions": [{"question": QUESTION, "answer": ANSWERS[0]},
+                                              {"question": "is it round?", "answers": ["yes", "no", "yes"]}]},
+            {"image": names[1], "questions": ["one?", "two?"], "answers": ["1", ["2", "two"]]},  # parallel lists
+            {"image": names[2], "questions": [{"question": "", "answer": "x"}]}]  # an empty question: bad
+    ds = build_source(f"jsonl:{_write_jsonl(tmp_path / 'q.jsonl', rows)}")
+    got = [ds[i] for i in range(len(ds))]
+    good, bad = split_bad(got)
+    assert [(r["prompt"], r["target"], r["answers"]) for r in good] == [
+        (QUESTION, ANSWERS[0], [ANSWERS[0]]), ("is it round?", "yes", ["yes", "no", "yes"]),
+        ("one?", "1", ["1"]), ("two?", "2", ["2", "two"])]
+    assert [(b.where, b.reason) for b in bad] == [(f"{tmp_path / 'q.jsonl'}:3 question 0", "empty_text")]
+
+
 # --- 3. mmgpt eval names the bad records -----------------------------------------------------------
 
 

@@ -59,7 +59,7 @@ ROLES: dict[str, tuple[str, ...]] = {
     # with a parallel list of answers in the answers column
     "questions": ("questions", "qa", "qas", "qa_pairs"),
 }
-TEXT_ROLES = ("caption", "question", "answer", "answers")
+TEXT_ROLES = ("caption", "question", "answer", "answers", "questions")
 
 
 @dataclass(slots=True)
