@@ -102,6 +102,26 @@ def _block_with_shared_memory(block, h, mask, memory, slots, position_ids, code=
     return h + block.mlp(block.ln_2(h))
 
 
+def _length_buckets(attention_mask: torch.Tensor | None, keep: float = 0.75):
+    """Rows of a right-padded training batch in two buckets, shortest first, each padded only to its own
+    longest row, when that runs at most `keep` of the tokens of one (B, T) pass (a caption and questions of
+    ~16 tokens beside conversations of ~50): [(rows, width), (rows, width)], or None."""
+    if attention_mask is None or attention_mask.shape[0] < 2:
+        return None
+    b, t = attention_mask.shape
+    lengths = attention_mask.sum(1)  # (B,)
+    if not bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):  # not right padding
+        return None
+    sorted_len, order = torch.sort(lengths, stable=True)
+    n = torch.arange(1, b, device=lengths.device)  # rows in the short bucket
+    cost = n * sorted_len[:-1] + (b - n) * sorted_len[-1]  # tokens run with the split after n rows
+    best = int(torch.argmin(cost))
+    if float(cost[best]) > keep * b * t:
+        return None
+    cut = best + 1
+    return [(order[:cut], int(sorted_len[cut - 1])), (order[cut:], int(sorted_len[-1]))]
+
+
 def _fuse_tanh_gelu(decoder) -> None:
     """GPT-2's `gelu_new` writes the tanh GELU out in 8 elementwise ops (and as many in backward); torch's
     one kernel computes the same formula. Parameter-free, so weights and saved configs are untouched."""
@@ -339,6 +359,26 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             h = tr.ln_f(h)
         return h, tapped, cache
 
+    def _bucketed_decoder(self, buckets, input_ids, attention_mask, memory, memory_slots, memory_mask):
+        """`run_decoder` over each bucket of rows cut to its own longest row; -> (B, T, Dt) hidden states, zeros
+        past each row's bucket width (padding: no targets there). Right padding, so every real token sees
+        exactly what it sees in the whole batch."""
+        b, t = input_ids.shape
+        out = None
+        for rows, width in buckets:
+            mem, mmask, slots = memory, None, None
+            if memory_slots is not None:
+                slots = memory_slots[rows]  # memory stays one per image
+            elif memory is not None:
+                mem = memory[rows]
+                mmask = memory_mask[rows] if memory_mask is not None else None
+            h, _, _ = self.run_decoder(input_ids[rows, :width], attention_mask[rows, :width], mem,
+                                       memory_slots=slots, memory_mask=mmask)  # (b_k, width, Dt)
+            if out is None:
+                out = h.new_zeros(b, t, h.shape[-1])
+            out = out.index_put((rows[:, None], torch.arange(width, device=h.device)[None, :]), h)
+        return out
+
     def _text_embedding(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Hidden state at the last real token (EOS) -> projection -> L2 norm."""
         if attention_mask is None:
@@ -477,10 +517,17 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             )  # (B, T, V): the text positions only, so labels align with input_ids as in cross-attention
         else:
             tap = self.k if (compute_itc and self.k > 0) else None
-            hidden, tapped, cache = self.run_decoder(
-                input_ids, attention_mask, memory, position_ids, cache, bool(use_cache), tap_layer=tap,
-                memory_slots=memory_slots, memory_mask=memory_mask,
-            )
+            buckets = None
+            if not return_logits and labels is not None and tap is None and not use_cache and cache is None \
+                    and position_ids is None:
+                buckets = _length_buckets(attention_mask)
+            if buckets is not None:  # short and long rows (records beside conversations) padded apart
+                hidden = self._bucketed_decoder(buckets, input_ids, attention_mask, memory, memory_slots, memory_mask)
+            else:
+                hidden, tapped, cache = self.run_decoder(
+                    input_ids, attention_mask, memory, position_ids, cache, bool(use_cache), tap_layer=tap,
+                    memory_slots=memory_slots, memory_mask=memory_mask,
+                )
             logits = None
             if return_logits or labels is None:
                 logits = self.decoder.lm_head(hidden)  # (B, T, V)

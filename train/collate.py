@@ -42,21 +42,31 @@ class Collator:
         chats: dict[int, list[dict]] = {}  # row -> the conversation's messages
         slots: list[list[int]] = []  # per row: its images, in order
         n_itc = 0  # ITC rows so far
+        late: list[tuple[int, int, int]] = []  # (row, slot, group) of images found in another group
+        group_pixel: list[int] = []  # each group's image index
+        # a conversation's image that is another group's image of this batch (same id) is encoded once
+        group_of = {g[0].get("image_id"): k for k, g in enumerate(groups) if g[0].get("image_id") is not None}
         for g in groups:
             pixels.append(g[0]["image"])
             # an image read from a file (or a dataset row) is known by where it came from: ids of two
             # sources can collide (the feature cache and ITC's image ids use this key); else its id
             image_ids.append(g[0].get("image_source") or g[0].get("image_id"))
             own = len(pixels) - 1
+            group_pixel.append(own)
             for r in g:
                 if r["task"] == "chat":  # a conversation: its images (the group's own one is encoded once)
                     row_slots = []
+                    ids_ = r.get("image_ids") or ()
                     for j, im in enumerate(r["images"]):
                         if im is g[0]["image"]:
                             row_slots.append(own)
                             continue
+                        other = group_of.get(ids_[j]) if j < len(ids_) else None
+                        if other is not None:  # groups before this one have their image at their own index
+                            late.append((len(slots), len(row_slots), other))
+                            row_slots.append(-2)  # filled in once every group's image has its index
+                            continue
                         pixels.append(im)
-                        ids_ = r.get("image_ids") or ()
                         image_ids.append(ids_[j] if j < len(ids_) else None)
                         row_slots.append(len(pixels) - 1)
                     chats[len(tasks)] = r["messages"]
@@ -79,6 +89,10 @@ class Collator:
                         neg_owner.append(n_itc)  # index among this batch's ITC rows
                 itc.append(r["task"] == "caption" or (self.itc_questions and r["task"] == "vqa"))
                 n_itc += itc[-1]
+        for row, slot, other in late:
+            slots[row][slot] = group_pixel[other]
+            if slot == 0:
+                image_index[row] = group_pixel[other]
         batch = {"bad": bad, "num_images": len(pixels), "num_rows": len(tasks), "image_ids": image_ids}
         if not pixels:
             return batch

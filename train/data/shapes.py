@@ -12,6 +12,7 @@ covers pixels ``x0 .. x1-1`` and its side is ``x1 - x0``; the centre is ``((x0+x
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -257,8 +258,10 @@ def conversation(scene: ShapesScene, rng: random.Random, followups: int = 2) -> 
     turns = [(attr, q, getattr(obj, attr))]
     told = {attr}
     others = [t for t in questions(scene) if t[0] in ("count", "exists", "count_color")]
+    interjected = False
     for _ in range(followups):
-        if rng.random() < 0.3:  # an interjection: a plain question, or one that names another object
+        if not interjected and rng.random() < 0.3:  # one interjection at most: a plain question, or one that
+            interjected = True  # names another object
             if rng.random() < 0.5:
                 a2, q2, o2 = rng.choice(naming)
                 turns.append((a2, q2, getattr(o2, a2)))
@@ -312,6 +315,11 @@ def chat_record(images: list, turns: list[tuple[str, str, str]], image_id: str, 
             "target": "", "image_id": image_id, "image_ids": image_ids, "qtypes": [t for t, _, _ in turns]}
 
 
+def _share(rate: float, i: int) -> int:
+    """Records of a kind for image ``i`` at ``rate`` per image (0.5: images 1, 3, 5, ...)."""
+    return int((i + 1) * rate + 1e-9) - int(i * rate + 1e-9)
+
+
 class ShapesDataset(Dataset):
     """Map-style shapes data set.
 
@@ -357,8 +365,11 @@ class ShapesDataset(Dataset):
         self.ordered = single_object_first > 0 or self.shape_pairs
         task_mix = dict(task_mix) if task_mix is not None else {"caption": 1, "vqa": 1}
         unknown = set(task_mix) - set(TASK_KINDS)
-        if unknown or any(not isinstance(v, int) or v < 0 for v in task_mix.values()):
-            raise ValueError(f"task_mix must map {'/'.join(TASK_KINDS)} to counts >= 0, got {task_mix}")
+        # caption / vqa: records per image; chat / two_image may be fractions (0.5: every other image)
+        if unknown or any(isinstance(v, bool) or not isinstance(v, (int, float) if k in ("chat", "two_image") else int)
+                          or v < 0 for k, v in task_mix.items()):
+            raise ValueError(f"task_mix must map {'/'.join(TASK_KINDS)} to counts >= 0 (chat and two_image may be "
+                             f"fractions), got {task_mix}")
         self.split, self.size, self.image_size, self.seed, self.grouped = (
             split,
             size,
@@ -368,13 +379,15 @@ class ShapesDataset(Dataset):
         )
         self.n_caption, self.n_vqa = task_mix.get("caption", 0), task_mix.get("vqa", 0)
         self.n_chat, self.n_two = task_mix.get("chat", 0), task_mix.get("two_image", 0)
+        # two-image questions pair image 2k with 2k+1: read in order, both land in one batch and are encoded once
+        self.ordered = self.ordered or self.n_two > 0
         if self.per_image == 0:
             raise ValueError("task_mix gives no records per image")
         self._last: tuple[int, list[dict]] | None = None
 
     @property
     def per_image(self) -> int:
-        return self.n_caption + self.n_vqa + self.n_chat + self.n_two
+        return self.n_caption + self.n_vqa + math.ceil(self.n_chat) + math.ceil(self.n_two)
 
     def __len__(self) -> int:
         return self.size if self.grouped else self.size * self.per_image
@@ -389,7 +402,8 @@ class ShapesDataset(Dataset):
         image, slot = divmod(i, self.per_image)
         if self._last is None or self._last[0] != image:
             self._last = (image, self.group(image))
-        return dict(self._last[1][slot])
+        recs = self._last[1]
+        return dict(recs[slot % len(recs)])  # fractional chat / two_image: some images have fewer records
 
     def image_id(self, i: int) -> str:
         return f"shapes-{self.split}-{self.seed}-{i}"
@@ -457,14 +471,16 @@ class ShapesDataset(Dataset):
             qtype = rng.choice([t for t, v in pool.items() if v])
             chosen.append(pool[qtype].pop(rng.randrange(len(pool[qtype]))))
         recs = self._records(scene, i, self.n_caption, chosen)
-        if self.n_chat or self.n_two:
-            recs += self._chat_records(scene, i, recs[0]["image"] if recs else render(scene), self.n_chat,
-                                       self.n_two)
+        n_chat, n_two = _share(self.n_chat, i), _share(self.n_two, i)
+        if n_chat or n_two:
+            recs += self._chat_records(scene, i, recs[0]["image"] if recs else render(scene), n_chat, n_two)
         return recs
 
-    def partner(self, i: int) -> ShapesScene:
-        """The second image of image ``i``'s two-image questions: a scene of its own seed stream."""
-        return sample_scene(random.Random(f"shapes-partner:{scene_seed(self.split, i, self.seed)}"), self.image_size)
+    def partner(self, i: int) -> int:
+        """The other image of image ``i``'s two-image questions: its pair neighbour (2k <-> 2k+1; the last image
+        of an odd-sized set pairs with the one before it)."""
+        j = i ^ 1
+        return j if j < self.size else i - 1
 
     def _chat_records(self, scene: ShapesScene, i: int, image, n_chat: int, n_two: int) -> list[dict]:
         """``n_chat`` conversations about image ``i`` and ``n_two`` questions about it and its partner, from
@@ -476,14 +492,15 @@ class ShapesDataset(Dataset):
             turns = conversation(scene, rng)
             if turns is not None:
                 out.append(chat_record([image], turns, iid, [iid]))
-        if n_two:
-            second = self.partner(i)
-            pimg = render(second)
+        if n_two and self.size > 1:
+            j = self.partner(i)
+            second, _ = self.scene(j)
+            pimg, pid = render(second), self.image_id(j)  # the collator finds it by id when j is in the batch
             for _ in range(n_two):
                 first_is_self = rng.random() < 0.5  # the image of the group comes first or second
                 a, b = (scene, second) if first_is_self else (second, scene)
                 ims = [image, pimg] if first_is_self else [pimg, image]
-                ids = [iid, f"{iid}-partner"] if first_is_self else [f"{iid}-partner", iid]
+                ids = [iid, pid] if first_is_self else [pid, iid]
                 out.append(chat_record(ims, [two_image_question(a, b, rng)], iid, ids))
         return out
 
