@@ -140,7 +140,7 @@ def test_json_depth_counts_nesting_outside_strings():
             return 1 + max(map(reference, x.values()), default=0)
         return 0
 
-    for depth in range(0, 12):
+    for depth in range(12):
         value = nest(depth)
         assert json_depth(json.dumps(value).encode()) == reference(value) == depth
 
@@ -283,8 +283,8 @@ def test_pixels_in_flight_wait_for_their_turn():
 
 def serve_app(monkeypatch, model_dir: Path, *argv) -> object:
     """The app `mmgpt serve` would run with these flags (its serve loop replaced by a capture)."""
-    import mmgpt.serve.server as server
     from mmgpt.commands.serve import add_arguments, run
+    from mmgpt.serve import server
 
     captured = {}
     monkeypatch.setattr(server, "serve", lambda app, sock: captured.setdefault("app", app))
