@@ -211,3 +211,27 @@ def test_chat_asks_for_the_api_key_and_keeps_it_in_the_page(page, chat_dir):
         assert read_when_done(page, "#answer") == ANSWERS["red"][0]
         stored = page.evaluate("() => [localStorage.length, sessionStorage.length, document.cookie]")
         assert stored == [0, 0, ""]
+
+
+def test_chat_sends_a_large_image_as_a_smaller_jpeg(page, chat_url):
+    import base64
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (800, 1100, 3), dtype=np.uint8))
+    big = png(noise)
+    assert 1.5 * 2**20 < len(big) < 10 * 2**20  # over the page's 1.5 MB, within the server's 10 MB
+    page.goto(chat_url + "/")
+    page.set_input_files("#file", files=[{"name": "noise.png", "mimeType": "image/png", "buffer": big}])
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.fill("#question", Q1)
+        page.click("#ask")
+    read_when_done(page, "#answer")
+    url = json.loads(sent.value.post_data)["messages"][0]["content"][0]["image_url"]["url"]
+    head, _, data = url.partition(",")
+    assert head == "data:image/jpeg;base64"
+    with Image.open(io.BytesIO(base64.b64decode(data))) as im:
+        assert im.size == (1024, 745)  # the long side to 1024, the aspect kept

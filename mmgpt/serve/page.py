@@ -279,7 +279,7 @@ async function ask(ev) {
     for (const im of mineImages) user.content.push({ type: "image_url", image_url: { url: await im.url } });
     user.content.push({ type: "text", text });
     const body = JSON.stringify({ messages: [...messages, user], stream: true });
-    if (body.length > MAX_BYTES) {
+    if (new Blob([body]).size > MAX_BYTES) {  // bytes, as the server counts them
       throw new Error(`the conversation's images take more than the ${MAX_BYTES} bytes the server reads at once: ` +
                       "Reset, or use smaller images");
     }
