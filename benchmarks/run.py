@@ -156,13 +156,14 @@ def batch_for(s: Size, seed: int = 0):
 
 def train_step_fn(kind: str, s: Size, model=None):
     px, ids = batch_for(s)
-    if kind == "mmgpt":
+    if kind in ("mmgpt", "mmgpt-compiled"):
         model = model or build_mmgpt(s)
         labels = ids.clone()
         labels[:, 0] = -100
+        fwd = torch.compile(model) if kind == "mmgpt-compiled" else model  # compile: true (inductor)
 
         def loss_fn():
-            return model(pixel_values=px, input_ids=ids, labels=labels).loss
+            return fwd(pixel_values=px, input_ids=ids, labels=labels).loss
     elif kind == "ved":
         model = model or build_ved(s)
 
@@ -231,8 +232,10 @@ def gen_fn(kind: str, s: Size, batch: int, new_tokens: int = 24):
     torch.manual_seed(0)  # the same random weights whatever ran before (a random CoCa can give NaN logits)
     g = torch.Generator().manual_seed(1)
     px = torch.randn(batch, 3, s.image, s.image, generator=g)
-    if kind == "mmgpt":
-        model = build_mmgpt(s).eval()
+    if kind in ("mmgpt", "mmgpt-int8"):
+        from mmgpt.quantize import quantize_model
+
+        model = quantize_model(build_mmgpt(s).eval(), "int8" if kind == "mmgpt-int8" else None)
         return lambda: model.generate(pixel_values=px, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                       do_sample=False)
     if kind == "ved":
@@ -344,13 +347,13 @@ def generation_targets(iters: int, have_coca: bool) -> tuple[list[dict], list[tu
     targets, rows = [], []
     bandwidth = read_bandwidth()
     print(f"read bandwidth: {bandwidth:.1f} GB/s", flush=True)
-    for batch, goal in ((1, 3.0), (16, 2.0)):
+    for batch, goal, goal_int8 in ((1, 3.0, 4.0), (16, 1.8, 2.0)):
         bound = generation_bounds(SMALL, batch)
-        fns = {}
-        for kind in ["mmgpt", "ved"] + (["coca"] if have_coca else []):
+        fns, first = {}, {}
+        for kind in ["mmgpt", "mmgpt-int8", "ved"] + (["coca"] if have_coca else []):
             fn = gen_fn(kind, SMALL, batch)
             try:
-                fn()
+                first[kind] = fn()
             except Exception as err:  # a peer's generate failing must not sink the whole run
                 print(f"note: {kind} generation failed: {err}", file=sys.stderr)
                 continue
@@ -361,6 +364,12 @@ def generation_targets(iters: int, have_coca: bool) -> tuple[list[dict], list[tu
         for kind in fns:
             rows.append((f"greedy small b{batch}", kind, f"{rates[kind]:.1f} tokens/s", ""))
             print(rows[-1], flush=True)
+        targets.append(target(f"generate_small_b{batch}_int8_vs_ved_fp32", rates["mmgpt-int8"], rates["ved"],
+                              rates["mmgpt-int8"] / rates["ved"], goal_int8, "tokens/s"))
+        # random weights: near-flat logits, where int8 rounding flips more argmaxes than a trained model's
+        same = (first["mmgpt"] == first["mmgpt-int8"]).all(dim=1).float().mean().item()
+        targets[-1]["int8_vs_fp32"] = {"rate_ratio": round(rates["mmgpt-int8"] / rates["mmgpt"], 3),
+                                       "identical_sequences_random_weights": round(same, 3)}
         targets.append(target(f"generate_small_b{batch}_vs_ved", rates["mmgpt"], rates["ved"],
                               rates["mmgpt"] / rates["ved"], goal, "tokens/s"))
         # Ceilings on the ratio: the encoder alone (decoding free), and the encoder plus streaming the
@@ -380,6 +389,18 @@ def generation_targets(iters: int, have_coca: bool) -> tuple[list[dict], list[tu
         if "coca" in rates:
             targets.append(target(f"generate_small_b{batch}_vs_coca", rates["mmgpt"], rates["coca"],
                                   rates["mmgpt"] / rates["coca"], 1.0, "tokens/s"))
+    trained = Path(__file__).resolve().parent.parent / "runs" / "demo" / "model"  # what `make demo` writes
+    if (trained / "model.safetensors").is_file():
+        from benchmarks.int8_decode import agreement
+
+        a = agreement(str(trained))  # greedy captions of 300 shapes test images, fp32 vs quantize="int8"
+        rows.append(("int8 captions vs fp32 (runs/demo/model)", "mmgpt", f"{100 * a['identical']:.1f}% identical",
+                     f"exact match fp32 {a['exact_match_fp32']:.3f}, int8 {a['exact_match_int8']:.3f}"))
+        targets.append(target("int8_captions_identical_to_fp32", a["identical"], None, a["identical"], 0.99,
+                              "fraction of 300 shapes test captions"))
+    else:
+        print("note: no runs/demo/model (make demo): int8 caption agreement on a trained model skipped",
+              file=sys.stderr)
     return targets, rows
 
 
@@ -415,11 +436,12 @@ def main(argv=None) -> int:
 
     train_rates = {}
     for s in (TINY, SMALL):
-        kinds = ["mmgpt", "ved"] + (["coca"] if have_coca and s is SMALL else [])
+        kinds = ["mmgpt", "ved"] if s is TINY else ["mmgpt", "mmgpt-compiled", "ved"] + (["coca"] if have_coca else [])
         steps, flops = {}, {}
         for kind in kinds:
             _, steps[kind], loss_fn = train_step_fn(kind, s)
-            flops[kind] = flops_per_step(loss_fn)
+            # the compiled step does the eager step's FLOPs (counting would trace it under the counter)
+            flops[kind] = flops["mmgpt"] if kind == "mmgpt-compiled" else flops_per_step(loss_fn)
         # This machine's clock drifts by up to 1.4x between minutes: the peak matmul is timed in the
         # same rounds as the steps (one call of each per round), so both medians see the same machine.
         peak_fn, peak_flops = peak_round()
@@ -434,8 +456,10 @@ def main(argv=None) -> int:
         del steps
         ours, peer = train_rates[("mmgpt", s.name)][0], train_rates[("ved", s.name)][0]
         targets.append(target(f"train_{s.name}_itc_lm_vs_ved_caption", ours, peer, ours / peer, 1.0, "samples/s"))
-    mfu = train_rates[("mmgpt", "small")][1]
+    eager, compiled = train_rates[("mmgpt", "small")][1], train_rates[("mmgpt-compiled", "small")][1]
+    mfu = max(eager, compiled)  # the faster of the eager and the compiled (compile: true) step
     targets.append(target("mfu_small", mfu, None, mfu, 0.8, "fraction of matmul peak"))
+    targets[-1]["eager"], targets[-1]["compiled"] = round(eager, 3), round(compiled, 3)
     if args.only == "train":
         print_tables(rows, targets)
         return 0

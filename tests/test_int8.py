@@ -5,11 +5,11 @@ import copy
 
 import pytest
 import torch
+from test_kernels import needs_kernel
+from test_model import make_model
 
 from mmgpt import fastgen, kernels
 from mmgpt.quantize import ATTR, check_mode, quantize_model, quantize_weight
-from test_kernels import needs_kernel
-from test_model import make_model
 
 
 def test_quantize_weight_by_hand():
@@ -79,7 +79,7 @@ def _trained_model():
         loss.backward()
         opt.step()
         opt.zero_grad()
-    return model.eval(), px, ids, float(loss)
+    return model.eval(), px, ids, loss.item()
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +158,14 @@ def test_load_quantize_and_the_cli_flag(tmp_path):
 
 def test_fastgen_options_include_sampling():
     assert {"temperature", "top_p", "top_k"} <= fastgen.FAST_OPTIONS
+
+
+def test_the_int8_benchmark_roads_compute_the_same_products():
+    from benchmarks.int8_decode import product_fns
+
+    fns = product_fns(rows=2)
+    ref = fns.pop("addmm fp32 (MKL)")()
+    assert len(ref) == 37 and {"_weight_int8pack_mm, bf16 activations", "_weight_int8pack_mm, fp32 activations"} <= set(fns)
+    for name, fn in fns.items():
+        for y, r in zip(fn(), ref):  # int8 weights (and bf16 activations): within a few percent of fp32
+            assert (y.float() - r).norm() <= 0.05 * r.norm(), name
