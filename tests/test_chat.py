@@ -223,3 +223,31 @@ def test_shapes_conversations_follow_the_object_named_last_and_two_image_answers
             def has(s):
                 return any(o.shape == words[-1] and (len(words) == 1 or o.color == words[0]) for o in s.objects)
             assert has(first) != has(second) and a == ("the first" if has(first) else "the second")
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_a_decoders_own_template_keeps_its_format_with_image_placeholders_and_assistant_only_labels():
+    """SmolLM2 / Qwen2.5 bring a ChatML template (content as one string): their turns stay as the template
+    writes them, each image a run of placeholders where it stands, the labels the assistant's text and end."""
+    from mmgpt.processor import IMAGE_TOKEN, MMGPTProcessor, train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(TEXTS + ["user assistant system"], vocab_size=400)
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, "<|im_start|>", "<|im_end|>"]})
+    proc = MMGPTProcessor(tok, image_size=64, chat_template=CHATML, image_token=IMAGE_TOKEN, num_image_tokens=3)
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the circle?"}]},
+            {"role": "assistant", "content": "red"},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and here?"}]},
+            {"role": "assistant", "content": "blue"}]
+    msgs, _ = normalize(conv, [_image(0), _image(1)])
+    assert proc.render_chat(msgs) == ("<|im_start|>user\n<image>what color is the circle?<|im_end|>\n"
+                                      "<|im_start|>assistant\nred<|im_end|>\n"
+                                      "<|im_start|>user\n<image>and here?<|im_end|>\n"
+                                      "<|im_start|>assistant\nblue<|im_end|>\n")
+    ids, labels = proc.encode_conversation(msgs, max_length=1000)
+    ph = proc.image_token_id
+    assert ids.count(ph) == 6 and all(lab == -100 for i, lab in zip(ids, labels) if i == ph)
+    kept = proc.tokenizer.decode([i for i, lab in zip(ids, labels) if lab != -100])
+    assert kept == "red<|im_end|>\nblue<|im_end|>\n"
