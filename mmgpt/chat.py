@@ -143,7 +143,8 @@ class ChatEngine:
             input_ids = torch.tensor([ids], device=vl.device)
             out = model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), encoder_hidden_states=memory,
-                memory_mask=memory_mask, cache=cache, return_dict_in_generate=True, streamer=streamer, **gen)
+                memory_mask=memory_mask, cache=cache, return_dict_in_generate=True, streamer=streamer, fast=False,
+                **gen)  # GenerationMixin: it hands back the cache to keep
         seq = out.sequences[0].tolist()
         new = seq[len(ids):]
         eos = vl.processor.eos_id

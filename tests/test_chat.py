@@ -116,7 +116,7 @@ def test_saved_folder_keeps_the_template_and_an_older_folder_gets_the_default(tm
 
 
 def test_shared_image_slots_path_equals_each_rows_own_memory_with_a_mask():
-    model, proc = _model("cross")
+    model, _ = _model("cross")
     model.train()  # dropout is 0 in tiny: the training path (shared keys / values) stays deterministic
     n_img, rows = 3, 4
     pixels = torch.randn(n_img, 3, 64, 64)
@@ -220,9 +220,9 @@ def test_shapes_conversations_follow_the_object_named_last_and_two_image_answers
             assert a == ("yes" if all(any(o.shape == shape for o in s.objects) for s in (first, second)) else "no")
         else:
             words = q[len("which image has a "):-1].split()
-            def has(s):
-                return any(o.shape == words[-1] and (len(words) == 1 or o.color == words[0]) for o in s.objects)
-            assert has(first) != has(second) and a == ("the first" if has(first) else "the second")
+            has = [any(o.shape == words[-1] and (len(words) == 1 or o.color == words[0]) for o in s.objects)
+                   for s in (first, second)]
+            assert has[0] != has[1] and a == ("the first" if has[0] else "the second")
 
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

@@ -55,6 +55,9 @@ class Collator:
             group_pixel.append(own)
             for r in g:
                 if r["task"] == "chat":  # a conversation: its images (the group's own one is encoded once)
+                    if not r.get("images"):
+                        raise ValueError(f"a conversation record without images ({r.get('image_source') or r.get('image_id')}):"
+                                         " readers skip these as bad records")
                     row_slots = []
                     ids_ = r.get("image_ids") or ()
                     for j, im in enumerate(r["images"]):
