@@ -331,3 +331,39 @@ def test_concurrent_chat_requests_share_a_batch_and_equal_vl_chat_one_by_one(vl)
     for r, c in zip(responses, CONVERSATIONS):
         vl.chat(local(c), max_new_tokens=GEN)
         assert r.json()["usage"]["prompt_tokens"] == vl.chats.last.prompt_tokens
+
+
+# --- the command -------------------------------------------------------------------------------------
+
+
+def test_serve_warns_beyond_loopback_without_a_key_and_takes_the_key_from_the_environment(model_dir, monkeypatch,
+                                                                                           capsys):
+    import argparse
+
+    from fastapi.testclient import TestClient
+
+    import mmgpt.serve.server as server_module
+    from mmgpt.cli import UserError
+    from mmgpt.commands.serve import add_arguments, run
+
+    served = []
+    monkeypatch.setattr(server_module, "serve", lambda app, sock, *a, **kw: served.append(app))
+    monkeypatch.delenv("MMGPT_API_KEY", raising=False)
+
+    def args(*argv):
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        return parser.parse_args([str(model_dir), "--port", "0", *argv])
+
+    assert run(args("--host", "0.0.0.0")) == 0
+    assert "NO API KEY" in capsys.readouterr().err
+    assert run(args("--host", "0.0.0.0", "--api-key", "k")) == 0
+    assert "NO API KEY" not in capsys.readouterr().err
+    with pytest.raises(UserError, match="empty"):
+        run(args("--api-key", " "))
+    monkeypatch.setenv("MMGPT_API_KEY", "from-env")
+    assert run(args()) == 0
+    with TestClient(served[-1], base_url="http://127.0.0.1") as c:
+        assert c.get("/v1/models").status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Bearer from-env"}).json()["data"][0]["id"] == "tiny-chat"
+        assert c.get("/health").status_code == 200

@@ -207,14 +207,19 @@ def openai_router(app: FastAPI, name: str, streams: list, default_tokens: int) -
     router = APIRouter(prefix="/v1", route_class=_OpenAIRoute, tags=["OpenAI-compatible"])
     started = int(time.time())
     timeout_s = config.timeout_s
-    max_images = int(getattr(getattr(getattr(pipeline, "model", None), "config", None), "max_images", 1) or 1)
+    served = getattr(pipeline, "model", None)
+    # cross-attention reads config.max_images images; prefix fusion puts any number at their placeholders
+    max_images = (schemas.MAX_IMAGES if getattr(served, "uses_prefix", False)
+                  else int(getattr(getattr(served, "config", None), "max_images", 1) or 1))
 
     def card() -> dict:
         return {"id": name, "object": "model", "created": started, "owned_by": "mmgpt"}
 
-    async def within_timeout(coro):
+    async def within_timeout(coro, deadline: float | None = None):
+        """`coro`'s result, by `deadline` (time.monotonic(); default: timeout_s from now); errors as OpenAI's."""
+        remaining = timeout_s if deadline is None else max(deadline - time.monotonic(), 0)
         try:
-            return await asyncio.wait_for(coro, timeout_s)
+            return await asyncio.wait_for(coro, remaining)
         except asyncio.TimeoutError:
             raise OpenAIError(504, f"no answer within {timeout_s:g} s; try again when the server is less busy",
                               code="timeout") from None
@@ -238,23 +243,24 @@ def openai_router(app: FastAPI, name: str, streams: list, default_tokens: int) -
         "application/json": {"schema": ChatRequest.model_json_schema()}}}})
     async def chat_completions(request: Request):
         """OpenAI's chat completions: a whole answer (JSON) or, with `stream`, server-sent chunks."""
-        req = await within_timeout(parse_body(request, ChatRequest, config.max_upload_bytes))
-        msgs = await within_timeout(conversation(req, limits, max_images))
+        deadline = time.monotonic() + timeout_s  # one limit for the whole request, queueing included
+        req = await within_timeout(parse_body(request, ChatRequest, config.max_upload_bytes), deadline)
+        msgs = await within_timeout(conversation(req, limits, max_images), deadline)
         gen = generation(req, default_tokens)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model or name}
         if req.stream:
-            return await stream(req, msgs, gen, head)
-        (turn,) = await within_timeout(batcher.submit_many(Work("chat", tuple(sorted(gen.items()))), [msgs]))
+            return await stream(req, msgs, gen, head, deadline)
+        work = Work("chat", tuple(sorted(gen.items())))
+        (turn,) = await within_timeout(batcher.submit_many(work, [msgs]), deadline)
         text, stopped = cut_at_stop(turn.text, req.stop or [])
         return {**head, "object": "chat.completion", "system_fingerprint": None,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                              "logprobs": None, "finish_reason": "stop" if stopped else turn.finish_reason}],
                 "usage": _usage(turn.prompt_tokens, turn.completion_tokens, turn.reused_tokens)}
 
-    async def stream(req: ChatRequest, msgs: list[dict], gen: dict, head: dict) -> StreamingResponse:
+    async def stream(req: ChatRequest, msgs: list[dict], gen: dict, head: dict, deadline: float) -> StreamingResponse:
         from transformers import StoppingCriteriaList
 
-        deadline = time.monotonic() + timeout_s
         cancel = threading.Event()
         end = object()
         held = False
@@ -277,7 +283,7 @@ def openai_router(app: FastAPI, name: str, streams: list, default_tokens: int) -
             nonlocal held
             await streams[0].acquire()
             held = True
-            asyncio.get_running_loop().call_later(timeout_s + 1, release)  # a body never read frees the slot
+            asyncio.get_running_loop().call_later(max(deadline - time.monotonic(), 0) + 1, release)  # unread body
             try:
                 pieces = await asyncio.to_thread(begin)
                 return pieces, await asyncio.to_thread(next, pieces, end)  # errors before the first byte: status
@@ -285,7 +291,7 @@ def openai_router(app: FastAPI, name: str, streams: list, default_tokens: int) -
                 release()
                 raise
 
-        pieces, first = await within_timeout(start())
+        pieces, first = await within_timeout(start(), deadline)
 
         def chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
             body = {**head, "object": "chat.completion.chunk", "system_fingerprint": None,
