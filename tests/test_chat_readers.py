@@ -117,6 +117,22 @@ def test_llava_json_and_messages_images_give_the_same_records(tmp_path):
     _same_records(got, [plain[i] for i in range(len(plain))])
 
 
+def test_a_hub_style_llava_dataset_reads_as_the_llava_file(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    names = _images(tmp_path)
+    items = [LLAVA[0], LLAVA[2]]  # one image each, as LLaVA sets on the hub have them (an Image column)
+    (tmp_path / "l.json").write_text(json.dumps(items))
+    llava = build_source(f"llava:{tmp_path / 'l.json'}")
+    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
+                                  "conversations": [{"from": datasets.Value("string"), "value": datasets.Value("string")}]})
+    rows = {"id": [x["id"] for x in items], "image": [str(tmp_path / x["image"]) for x in items],
+            "conversations": [x["conversations"] for x in items]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "hub"))
+    hub = build_source(f"hf:{tmp_path / 'hub'}")
+    _same_records([llava[0], llava[1]], [hub[0], hub[1]])
+    assert [hub[i]["image_id"] for i in range(2)] == ["one", "none"] and names
+
+
 def test_a_webdataset_conversation_sample(tmp_path):
     names = _images(tmp_path)
     with tarfile.open(tmp_path / "chat.tar", "w") as tar:

@@ -53,6 +53,7 @@ class EvalResult:
     # How many questions each VQA accuracy rule scored (train.metrics.vqa_accuracy): "official_10_answers"
     # (ten reference answers, the VQAv2 rule) and "any_match" (another number: 1 if any matches).
     vqa_rules: dict[str, int] = field(default_factory=dict)
+    conversations: int = 0  # conversation records (task "chat") read and not scored here
 
     def table(self) -> str:
         """The metrics as an aligned two-column table."""
@@ -89,12 +90,13 @@ NAMED_BAD = 50
 
 def group_records(records: Iterable, max_images: int | None = None) -> tuple[list[ImageGroup], int]:
     """-> (images in first-seen order, number of bad records skipped); see :func:`read_groups`."""
-    groups, bad = read_groups(records, max_images)
+    groups, bad, _ = read_groups(records, max_images)
     return groups, bad.total
 
 
-def read_groups(records: Iterable, max_images: int | None = None) -> tuple[list[ImageGroup], BadDataCounter]:
-    """-> (images in first-seen order, the bad records skipped, counted by reason and named).
+def read_groups(records: Iterable, max_images: int | None = None) -> tuple[list[ImageGroup], BadDataCounter, int]:
+    """-> (images in first-seen order, the bad records skipped, counted by reason and named, the number of
+    conversation records left out).
 
     Bad records (None or ``BadRecord`` markers) are skipped and counted; lists of records (grouped
     sources) are flattened; conversations (task "chat") are not scored here and are left out. With
@@ -102,18 +104,20 @@ def read_groups(records: Iterable, max_images: int | None = None) -> tuple[list[
     """
     groups: dict[Any, ImageGroup] = {}
     counter = BadDataCounter(keep=NAMED_BAD)
+    chats = 0  # conversation records seen (not scored)
     index = 0
     for item in _items(records):
         good, bad = split_bad([item])
         counter.add(bad)
         for rec in good:
             if rec.get("task") == "chat":
+                chats += 1
                 continue
             key = image_key(rec)
             group = groups.get(key)
             if group is None:
                 if max_images is not None and len(groups) >= max_images:
-                    return list(groups.values()), counter
+                    return list(groups.values()), counter, chats
                 iid = rec.get("image_id")
                 group = groups[key] = ImageGroup(key=str(iid) if iid is not None else f"image-{index}", image=rec["image"])
                 index += 1
@@ -126,7 +130,7 @@ def read_groups(records: Iterable, max_images: int | None = None) -> tuple[list[
                     ref = ref.strip()
                     if ref and ref not in group.references:
                         group.references.append(ref)
-    return list(groups.values()), counter
+    return list(groups.values()), counter, chats
 
 
 def _device_dtype(model) -> tuple[torch.device, torch.dtype]:
@@ -198,8 +202,9 @@ def evaluate(
     if device is not None:
         model.to(device)
     gen = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": False}
+    from train import dist_eval  # under several processes each runs its share of the images (gathered)
 
-    groups, bad = read_groups(records, max_images)
+    groups, bad, chats = read_groups(records, max_images)
     captioned = [g for g in groups if g.references]
     questions = [(g, q) for g in groups for q in g.questions]
     metrics: dict[str, float] = {}
@@ -210,7 +215,7 @@ def evaluate(
     try:
         if "caption" in tasks and captioned:
             n = len(captioned)
-            caps = generate_texts(model, processor, [g.image for g in captioned], ["caption"] * n, [""] * n,
+            caps = dist_eval.generate_texts(model, processor, [g.image for g in captioned], ["caption"] * n, [""] * n,
                                   batch_size, **gen)
             hits = [
                 normalize_caption(c) in {normalize_caption(r) for r in g.references} for g, c in zip(captioned, caps)
@@ -229,7 +234,7 @@ def evaluate(
             ]
         if "vqa" in tasks and questions:
             n = len(questions)
-            answers = generate_texts(model, processor, [g.image for g, _ in questions], ["vqa"] * n,
+            answers = dist_eval.generate_texts(model, processor, [g.image for g, _ in questions], ["vqa"] * n,
                                      [q.question for _, q in questions], batch_size, **gen)
             qtypes = None
             if any(q.qtype for _, q in questions):
@@ -246,7 +251,7 @@ def evaluate(
         if "retrieval" in tasks and captioned:
             texts = [r for g in captioned for r in g.references]
             owner = [i for i, g in enumerate(captioned) for _ in g.references]  # text -> image index
-            sim = embed(model, processor, [g.image for g in captioned], texts, batch_size)  # (N_img, N_txt)
+            sim = dist_eval.embed(model, processor, [g.image for g in captioned], texts, batch_size)  # (N_img, N_txt)
             # text_keys: identical captions of different images are equally right answers.
             metrics.update(retrieval_metrics(sim, text_to_image=owner, text_keys=texts, ks=(1, 5, 10)))
     finally:
@@ -254,4 +259,5 @@ def evaluate(
     metrics["num_images"] = len(groups)
     metrics["num_questions"] = len(questions)
     metrics["bad_records"] = bad.total
-    return EvalResult(metrics=metrics, examples=examples, bad=bad, vqa_rules=vqa_rules)
+    return EvalResult(metrics=metrics, examples=examples, bad=bad, vqa_rules=vqa_rules,
+                      conversations=chats)

@@ -82,6 +82,9 @@ def run(args) -> int:
             said.add(str(w.message))
             print(f"mmgpt eval: note: {w.message}", file=sys.stderr)
     m = result.metrics
+    if result.conversations:
+        print(f"mmgpt eval: note: {result.conversations} conversation records (task chat) are not scored by "
+              "--task caption/vqa/retrieval", file=sys.stderr)
     if m["num_images"] == 0:
         print_bad(result.bad)
         named = ", named above" if m["bad_records"] else ""
