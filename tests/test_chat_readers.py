@@ -134,7 +134,7 @@ def test_a_hub_style_llava_dataset_reads_as_the_llava_file(tmp_path):
 
 
 def test_a_webdataset_conversation_sample(tmp_path):
-    names = _images(tmp_path)
+    _images(tmp_path)
     with tarfile.open(tmp_path / "chat.tar", "w") as tar:
         for key, parts in (("a", {"png": "0.png", "json": LLAVA[0]}),
                            ("b", {"0.png": "0.png", "1.png": "1.png", "json": LLAVA[1]})):

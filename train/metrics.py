@@ -58,12 +58,12 @@ from train import _coco_tokenize
 
 __all__ = [
     "CAPTION_METRICS",
+    "OFFICIAL_ANSWERS",
     "MetricsWarning",
     "caption_metrics",
     "close_meteor",
     "normalize_vqa_answer",
     "retrieval_metrics",
-    "OFFICIAL_ANSWERS",
     "vqa_accuracy",
     "vqa_score",
 ]

@@ -26,15 +26,21 @@ import os
 import random
 import re
 import tarfile
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-import warnings
-
 from train.data.bad import EMPTY_TEXT, BadRecord, DataError, DataWarning
-from train.data.records import ROLES, entries_from_row, entry_to_record, make_entry, read_image, resolve_columns
+from train.data.records import (
+    ROLES,
+    entries_from_row,
+    entry_to_record,
+    make_entry,
+    read_image,
+    resolve_columns,
+)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 BAD_JSON = "bad_json"  # a sample's .json does not parse
