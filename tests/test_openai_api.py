@@ -367,3 +367,56 @@ def test_serve_warns_beyond_loopback_without_a_key_and_takes_the_key_from_the_en
         assert c.get("/v1/models").status_code == 401
         assert c.get("/v1/models", headers={"Authorization": "Bearer from-env"}).json()["data"][0]["id"] == "tiny-chat"
         assert c.get("/health").status_code == 200
+
+
+class SlowChats:
+    """A stub pipeline's chat engine: answers 'it is red' after `delay` seconds (whole), or piece by piece."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+
+    def answer(self, messages, **gen):
+        from mmgpt.chat import ChatTurn
+
+        time.sleep(self.delay)
+        return ChatTurn("it is red", prompt_tokens=5, reused_tokens=0, completion_tokens=3, images_encoded=1,
+                        finish_reason="stop")
+
+
+class SlowPipeline:
+    def __init__(self, delay: float, first_piece_delay: float = 0.0):
+        self.chats, self.first_piece_delay = SlowChats(delay), first_piece_delay
+
+    def stream_chat(self, messages, **gen):
+        time.sleep(self.first_piece_delay)
+        yield "it"
+        for piece in (" is", " red"):
+            time.sleep(self.chats.delay)
+            yield piece
+
+
+def post_chat(app, body: dict) -> httpx.Response:
+    import asyncio
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+                return await c.post("/v1/chat/completions", json=body)
+
+    return asyncio.run(main())
+
+
+def test_slow_answers_are_504_in_openais_shape_and_a_late_stream_ends_with_an_error_chunk():
+    body = {"model": "m", "messages": CONVERSATIONS[0]}
+    r = post_chat(create_app(SlowPipeline(delay=2.0), timeout_s=0.3), body)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    r = post_chat(create_app(SlowPipeline(delay=0.0, first_piece_delay=2.0), timeout_s=0.3), {**body, "stream": True})
+    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
+    r = post_chat(create_app(SlowPipeline(delay=0.5), timeout_s=0.3), {**body, "stream": True})
+    events = [block.removeprefix("data: ") for block in r.text.strip().split("\n\n")]
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    assert '"code": "timeout"' in events[-2] and '"content": "it"' in events[1]
+    fast = post_chat(create_app(SlowPipeline(delay=0.0)), {**body, "stop": " red"})
+    assert fast.json()["choices"][0]["message"]["content"] == "it is"
+    assert fast.json()["choices"][0]["finish_reason"] == "stop"

@@ -41,7 +41,6 @@ from mmgpt.serve.openai_schemas import (
     ImagePart,
     OpenAIError,
     StopScanner,
-    TextPart,
     cut_at_stop,
     generation,
     image_blob,
@@ -114,9 +113,6 @@ class ApiKey:
         await self.app(scope, receive, send)
 
 
-# --- request bodies (OpenAI's schema, the fields mmgpt reads) -------------------------------------------
-
-
 # --- inputs ------------------------------------------------------------------------------------------
 
 
@@ -135,20 +131,19 @@ async def decode(blobs: list[bytes], wheres: list[str], limits) -> list:
 
 async def conversation(req: ChatRequest, limits, max_images: int) -> list[dict]:
     """OpenAI messages -> mmgpt.conversation messages whose image parts carry decoded PIL images."""
-    msgs, blobs, wheres, slots = [], [], [], []
+    msgs, blobs, wheres = [], [], []
     for i, m in enumerate(req.messages):
         role = "system" if m.role == "developer" else m.role
         parts: list[dict] = []
-        content = m.content if isinstance(m.content, list) else [TextPart(type="text", text=m.content or "")]
+        content = m.content if isinstance(m.content, list) else [m.content or ""]
         for j, part in enumerate(content):
             if isinstance(part, ImagePart):
                 where = f"messages[{i}].content[{j}].image_url"
                 blobs.append(image_blob(part.image_url.url, where))
                 wheres.append(where)
-                slots.append(parts)
                 parts.append({"type": "image"})
-            elif part.text:
-                parts.append({"type": "text", "text": part.text})
+            elif text := (part if isinstance(part, str) else part.text):
+                parts.append({"type": "text", "text": text})
         msgs.append({"role": role, "content": parts})
     if msgs[-1]["role"] != "user":
         raise OpenAIError(400, f"messages[{len(msgs) - 1}]: the last message must be the user's", "messages")
@@ -320,7 +315,7 @@ def openai_router(app: FastAPI, name: str, streams: list, default_tokens: int) -
                     yield chunk({"content": scanner.held})
                 while piece is not end:  # what generate() made before it saw the cancel
                     piece = await next_piece()
-                turn = pieces.turn
+                turn = getattr(pieces, "turn", None)  # a ChatStream knows its ChatTurn once it has ended
                 yield chunk({}, "stop" if stopped or turn is None else turn.finish_reason)
                 if usage_too and turn is not None:
                     yield chunk(None, usage=_usage(turn.prompt_tokens, turn.completion_tokens, turn.reused_tokens))

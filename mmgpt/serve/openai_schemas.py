@@ -75,7 +75,7 @@ def _role(value: Any) -> Any:
 
 class Message(_Part):  # other keys an echoed assistant message carries (refusal, annotations) are ignored
     role: Annotated[Literal["system", "developer", "user", "assistant"], BeforeValidator(_role)]
-    content: str | list[Part] | None = None
+    content: Annotated[str, Field(max_length=MAX_CHARS)] | list[Part] | None = None
     name: str | None = None
 
 
