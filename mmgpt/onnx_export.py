@@ -2,7 +2,9 @@
 transformers.js for vision-to-text models:
 
     DIR/onnx/encoder_model.onnx          pixel_values (B, 3, S, S) -> last_hidden_state (B, K, D): the
-                                         adapter output the decoder cross-attends to
+                                         memory the decoder cross-attends to, one image per text row (the
+                                         adapter output, plus the first image slot's code where the model
+                                         has them; conversations over several images are not exported)
     DIR/onnx/decoder_model.onnx          first step: input_ids (B, T), attention_mask (B, T),
                                          encoder_hidden_states (B, K, D) -> logits (B, T, V) and
                                          present.{i}.decoder.key/value (B, H, T, hd),
@@ -53,15 +55,23 @@ def _attend(q, k, v, scale: float, mask=None) -> torch.Tensor:
     return out.transpose(1, 2).reshape(b, t, h * hd)
 
 
+def image_memory(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, K, D): what generate() reads for one image per text row: the adapter's tokens, plus the first
+    image slot's learned code where the model has codes (config.max_images > 1)."""
+    if hasattr(model, "memory_from_pixels"):
+        return model.memory_from_pixels(pixel_values, fast=False)[0]
+    return model.encode_image(pixel_values).tokens
+
+
 class EncoderGraph(nn.Module):
-    """pixel_values -> the adapter's tokens (the cross-attention memory)."""
+    """pixel_values -> the cross-attention memory of one image per row (`image_memory`)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, pixel_values):
-        return self.model.encode_image(pixel_values).tokens  # (B, K, D)
+        return image_memory(self.model, pixel_values)  # (B, K, D)
 
 
 class DecoderGraph(nn.Module):
@@ -146,7 +156,7 @@ def export_onnx(model, processor, out_dir, opset: int = OPSET) -> list[Path]:
     s = processor.image_size
     pixels = torch.randn(2, 3, s, s)
     with torch.no_grad():
-        memory = model.encode_image(pixels).tokens  # (2, K, D)
+        memory = image_memory(model, pixels)  # (2, K, D)
     k_img = memory.shape[1]
     ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
@@ -285,7 +295,7 @@ def parity(model, processor, out_dir, rows: int = 3) -> float:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     nxt = torch.randint(0, model.config.text_config.vocab_size, (rows, 1), generator=g)
     with torch.no_grad():
-        memory = model.encode_image(pixels).tokens  # (B, K, D)
+        memory = image_memory(model, pixels)  # (B, K, D)
         ref = model(input_ids=ids, attention_mask=mask, encoder_hidden_states=memory).logits  # (B, T, V)
         mask2 = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         ref2 = model(input_ids=torch.cat([ids, nxt], 1), attention_mask=mask2, encoder_hidden_states=memory).logits

@@ -93,3 +93,29 @@ def test_export_errors_are_one_line(tmp_path, capsys):
     assert "no such model folder" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="mmgpt export"):
         OnnxVisionLanguage(tmp_path)
+
+
+def test_image_slot_codes_are_in_the_exported_memory(tmp_path):
+    """A model that reads several images per conversation (config.max_images > 1) adds a learned code to
+    each image's tokens: the export (one image per row) carries the first slot's, as generate() does."""
+    from mmgpt import MMGPTConfig, build_model
+    from mmgpt.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model, proc = build_model(MMGPTConfig.from_preset("tiny", max_images=2), texts=["a red circle", "a blue square"])
+    with torch.no_grad():
+        model.image_code.normal_(0, 1.0)  # large codes: leaving them out would move the logits far past 1e-4
+    model.eval()
+    export_onnx(model, proc, tmp_path)
+    ox = OnnxVisionLanguage(tmp_path)
+    px = proc.images(world_images()[:2])
+    batch = proc.batch_prompts(["vqa", "caption"], [QUESTION, ""])
+    logits, _ = ox.first_step(batch["input_ids"].numpy(), batch["attention_mask"].numpy(), ox.encode(px.numpy()))
+    with torch.no_grad():
+        ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=px).logits
+        gen = model.generate(pixel_values=px, **batch, max_new_tokens=5, min_new_tokens=5)
+    real = batch["attention_mask"].bool().numpy()
+    assert np.abs(logits - ref.numpy())[real].max() < 1e-4
+    out = ox.generate(px.numpy(), batch["input_ids"].numpy(), batch["attention_mask"].numpy(), max_new_tokens=5,
+                      eos_token_id=-1)
+    assert out.tolist() == gen.tolist()
