@@ -420,3 +420,15 @@ def test_slow_answers_are_504_in_openais_shape_and_a_late_stream_ends_with_an_er
     fast = post_chat(create_app(SlowPipeline(delay=0.0)), {**body, "stop": " red"})
     assert fast.json()["choices"][0]["message"]["content"] == "it is"
     assert fast.json()["choices"][0]["finish_reason"] == "stop"
+
+
+def test_openapi_documents_the_routes_with_their_bodies_written_out():
+    import json
+
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(SlowPipeline(delay=0.0)), base_url="http://127.0.0.1") as c:
+        doc = c.get("/openapi.json").json()
+    assert {"/v1/chat/completions", "/v1/embeddings", "/v1/models"} <= set(doc["paths"])
+    body = json.dumps(doc["paths"]["/v1/chat/completions"]["post"]["requestBody"])
+    assert "image_url" in body and "max_completion_tokens" in body and "$defs" not in body

@@ -181,6 +181,25 @@ def run_chat(pipeline, items: list, options: dict) -> list:
         return pipeline.chats.batch_turns(items, gen)
 
 
+def _json_body(model) -> dict:
+    """OpenAPI request body of a route that reads its JSON itself: `model`'s schema, its $defs written in
+    place (they would be looked up at the document's root)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline({**defs[ref.removeprefix("#/$defs/")], **{k: v for k, v in node.items() if k != "$ref"}})
+            # a discriminator's mapping names $defs too; the property name alone picks the branch
+            return {k: {"propertyName": v["propertyName"]} if k == "discriminator" else inline(v)
+                    for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
 def _event(body: dict) -> str:
     """One server-sent event carrying a JSON body."""
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -234,8 +253,7 @@ def openai_router(app: FastAPI, name: str, streams: list, default_tokens: int) -
                               "model", "model_not_found")
         return card()
 
-    @router.post("/chat/completions", openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": ChatRequest.model_json_schema()}}}})
+    @router.post("/chat/completions", openapi_extra=_json_body(ChatRequest))
     async def chat_completions(request: Request):
         """OpenAI's chat completions: a whole answer (JSON) or, with `stream`, server-sent chunks."""
         deadline = time.monotonic() + timeout_s  # one limit for the whole request, queueing included
@@ -330,8 +348,7 @@ def openai_router(app: FastAPI, name: str, streams: list, default_tokens: int) -
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
-    @router.post("/embeddings", openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": EmbeddingRequest.model_json_schema()}}}})
+    @router.post("/embeddings", openapi_extra=_json_body(EmbeddingRequest))
     async def embeddings(request: Request) -> dict:
         """OpenAI's embeddings: texts (and, an mmgpt extension, data-URL images) -> L2-normed vectors in one
         space, so text-image cosine similarities are dot products."""
