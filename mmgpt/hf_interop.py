@@ -238,6 +238,10 @@ def register() -> None:
     AutoModelForImageTextToText.register(MMGPTConfig, MMGPTModel, exist_ok=True)
     AutoProcessor.register(MMGPTConfig, MMGPTHFProcessor, exist_ok=True)
     AutoModelForZeroShotImageClassification.register(MMGPTConfig, MMGPTForZeroShotImageClassification, exist_ok=True)
-    AutoImageProcessor.register(MMGPTConfig, image_processor_classes={"pil": MMGPTImageProcessor,
-                                                                      "torchvision": MMGPTImageProcessor}, exist_ok=True)
+    try:
+        AutoImageProcessor.register(MMGPTConfig, image_processor_classes={"pil": MMGPTImageProcessor,
+                                                                          "torchvision": MMGPTImageProcessor},
+                                    exist_ok=True)
+    except TypeError:  # transformers releases before per-backend image processors
+        AutoImageProcessor.register(MMGPTConfig, slow_image_processor_class=MMGPTImageProcessor, exist_ok=True)
     _REGISTERED = True
