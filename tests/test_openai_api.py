@@ -432,3 +432,25 @@ def test_openapi_documents_the_routes_with_their_bodies_written_out():
     assert {"/v1/chat/completions", "/v1/embeddings", "/v1/models"} <= set(doc["paths"])
     body = json.dumps(doc["paths"]["/v1/chat/completions"]["post"]["requestBody"])
     assert "image_url" in body and "max_completion_tokens" in body and "$defs" not in body
+
+
+def test_the_stop_scanner_sends_what_cut_at_stop_keeps_however_the_answer_is_split():
+    import random
+
+    from mmgpt.serve.openai_schemas import StopScanner
+
+    rng = random.Random(0)
+    for _ in range(500):
+        text = "".join(rng.choice("ab c.") for _ in range(rng.randint(0, 20)))
+        stops = ["".join(rng.choice("ab c.") for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 3))]
+        cuts = sorted(rng.sample(range(1, len(text)), k=min(len(text) - 1, rng.randint(0, 5)))) if len(text) > 1 else []
+        pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)]) if text[i:j]]
+        scanner, sent, found = StopScanner(stops), "", False
+        for piece in pieces:
+            out, found = scanner.feed(piece)
+            sent += out
+            if found:
+                break
+        if not found:
+            sent += scanner.held
+        assert (sent, found) == cut_at_stop(text, stops), (text, stops, pieces)
