@@ -277,3 +277,63 @@ def test_benchmark_helpers_measure_recall_against_flat():
     assert recall_at_10(np.array([[1, 2, 3]]), np.array([[3, 2, 9]])) == pytest.approx(2 / 3)
     (row,) = query_rows(sizes=[2000], approx_max=2000, queries=20)
     assert row["approx"]["recall10"] >= 0.95 and row["flat_p50_ms"] > 0 and row["approx"]["p50_ms"] > 0
+
+
+def test_server_search_routes_and_page(vl, collection, tmp_path):
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from mmgpt.serve import create_app
+
+    folder, _ = collection
+    outside = tmp_path / "outside.png"
+    drawing(0, 0).transpose(Image.Transpose.ROTATE_90).save(outside)
+    (folder / "link.png").symlink_to(outside)  # indexed, but its file lies outside the folder
+    build(folder, vl, tmp_path / "idx", workers=0, progress=False)
+    index = SearchIndex(tmp_path / "idx")
+    app = create_app(vl, search_index=index)
+    with TestClient(app) as client:
+        assert 'id="search-form"' in client.get("/").text
+        r = client.post("/v1/search", json={"text": "a yellow square", "top_k": 4})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        ref = index.search_text(vl, ["a yellow square"], k=4)[0]
+        assert [h["path"] for h in body["results"]] == [h.path for h in ref] and body["images"] == 25
+        assert [h["score"] for h in body["results"]] == pytest.approx([h.score for h in ref], abs=1e-5)
+        # an image query, uploaded (multipart) and as base64 JSON
+        data = (folder / "2-4.png").read_bytes()
+        r = client.post("/v1/search", files={"image": ("q.png", data, "image/png")}, data={"top_k": "2"})
+        assert r.status_code == 200, r.text
+        top = r.json()["results"][0]
+        assert top["path"] == "2-4.png" and top["score"] == pytest.approx(1.0, abs=1e-4)
+        r = client.post("/v1/search", json={"image": base64.b64encode(data).decode(), "top_k": 1})
+        assert r.json()["results"][0]["path"] == "2-4.png"
+        # the image file by id, and only by id
+        img = client.get(top["url"])
+        assert img.status_code == 200 and img.content == data and img.headers["content-type"] == "image/png"
+        assert client.get("/v1/search/images/999999").status_code == 404
+        assert client.get("/v1/search/images/..%2F..%2Fetc%2Fpasswd").status_code in (404, 422)
+        link_id = next(r.id for p, r in Store(tmp_path / "idx").rows().items() if p == "link.png")
+        assert client.get(f"/v1/search/images/{link_id}").status_code == 404
+        # refused queries
+        assert client.post("/v1/search", json={"text": "a", "image": base64.b64encode(data).decode()}).status_code == 422
+        assert client.post("/v1/search", json={}).status_code == 422
+        r = client.post("/v1/search", json={"image_path": "/etc/passwd"})
+        assert r.status_code == 422 and "never file-system paths" in r.text
+    with TestClient(create_app(vl)) as client:  # no index: no search box, no route
+        assert 'id="search-form"' not in client.get("/").text
+        assert client.post("/v1/search", json={"text": "a red circle"}).status_code == 404
+
+
+def test_serve_refuses_an_index_of_another_model(vl, collection, tmp_path, capsys):
+    folder, _ = collection
+    build(folder, vl, tmp_path / "idx", workers=0, progress=False)
+    torch.manual_seed(2)
+    other_model, proc = build_model("tiny", texts=[w[2] for w in WORLD])
+    other_model.save_pretrained(tmp_path / "other")
+    proc.save_pretrained(tmp_path / "other")
+    capsys.readouterr()
+    assert cli(["serve", str(tmp_path / "other"), "--index", str(tmp_path / "idx"), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--index" in err and "not with this one" in err

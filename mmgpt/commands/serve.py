@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, metavar="KEY",
                         help="require 'Authorization: Bearer KEY' on every /v1 route, the OpenAI-compatible API "
                              "included (default: the MMGPT_API_KEY environment variable, else no key)")
+    parser.add_argument("--index", default=None, metavar="INDEX",
+                        help="a search index of this model (mmgpt index build): adds POST /v1/search and a search "
+                             "box to the page")
 
 
 @quiet
@@ -92,8 +95,17 @@ def run(args) -> int:
     try:
         # on a loopback address only loopback Host names (no DNS rebinding); elsewhere the operator's choice
         hosts = "loopback" if is_loopback(args.host) else None
-        app = create_app(_load_pipeline(args), **asdict(config), name=model_name(args.model), allowed_hosts=hosts,
-                         allowed_origins=args.allow_origin, api_key=api_key)
+        vl = _load_pipeline(args)
+        search_index = None
+        if args.index:  # mmgpt/serve/search.py
+            from mmgpt.serve.search import open_search_index
+
+            try:
+                search_index = open_search_index(args.index, vl)
+            except ValueError as err:
+                raise UserError(f"--index: {err}") from None
+        app = create_app(vl, **asdict(config), name=model_name(args.model), allowed_hosts=hosts,
+                         allowed_origins=args.allow_origin, api_key=api_key, search_index=search_index)
         if not is_loopback(args.host) and not api_key:
             print(_NO_KEY_WARNING.format(host=args.host), file=sys.stderr)
         port = sock.getsockname()[1]

@@ -144,6 +144,12 @@ def _body_doc(model: type[BaseModel], question: str | None = None) -> dict:
         if name.startswith("image"):
             binary = {"type": "string", "format": "binary"}
             form["properties"][name] = {**prop, "items": binary} if prop.get("type") == "array" else binary
+        elif prop.get("type") == "string":  # a form part is text whatever it looks like ('{}', '5'): no JSON type
+            form["properties"][name] = {k: v for k, v in prop.items() if k != "type"}
+        elif prop.get("type") == "array" and prop["items"].get("type") == "string":  # one part per item; one part
+            text = {k: v for k, v in prop["items"].items() if k != "type"}  # alone is a list of one
+            form["properties"][name] = {k: v for k, v in prop.items() if k not in ("type", "items")} | {
+                "anyOf": [{"type": "array", "items": text}, text]}
     content = {"application/json": {"schema": schema}, "multipart/form-data": {"schema": form}}
     return {"requestBody": {"required": True, "content": content}}
 
@@ -179,6 +185,7 @@ def create_app(
     device=None,
     dtype=None,
     name: str | None = None,
+    search_index=None,
     allowed_hosts: str | list[str] | None = None,
     allowed_origins: list[str] | tuple[str, ...] = (),
     api_key: str | None = None,
@@ -202,6 +209,10 @@ def create_app(
     batcher = DynamicBatcher(lambda work, items: run_batch(pipeline, work, items), max_batch_size, max_wait_ms)
     streams: list[asyncio.Semaphore] = []  # made in the lifespan, in the loop that serves
     page = render_page(name, max_upload_bytes)
+    if search_index is not None:  # `mmgpt serve --index`: /v1/search and a search box (mmgpt/serve/search.py)
+        from mmgpt.serve.search import add_search_section, search_router
+
+        page = add_search_section(page)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -223,6 +234,9 @@ def create_app(
     app.add_middleware(ImageLimitsScope, limits=images)
     app.add_middleware(JsonDepthLimit, max_depth=MAX_JSON_DEPTH)
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
+    if search_index is not None:
+        app.include_router(search_router(search_index, lambda task, items: batcher.submit_many(Work(task), items),
+                                         max_pixels, max_upload_bytes, timeout_s))
     from mmgpt.serve.openai_api import ApiKey, openai_router  # imports this module: not at the top
 
     if api_key:  # every /v1 route, the OpenAI-compatible ones and the rest; inside CORS (preflights answered)
