@@ -606,15 +606,16 @@ def _evaluate(accelerator, model, processor, cfg, step, metrics_path) -> dict:
     from train.evaluate import evaluate
 
     metrics = {}
+    # every process reads the same validation records and runs its share of the images (train.dist_eval)
+    val = build_sources(cfg.data.validation, grouped=False)
+    n = len(val)
+    records = _first_images(val, cfg.data.eval_images)
+    was_training = model.training
+    model.eval()
+    result = evaluate(model, processor, records, device=accelerator.device, caption_scorers=("bleu", "cider"))
+    if was_training:
+        model.train()
     if accelerator.is_main_process:
-        val = build_sources(cfg.data.validation, grouped=False)
-        n = len(val)
-        records = _first_images(val, cfg.data.eval_images)
-        was_training = model.training
-        model.eval()
-        result = evaluate(model, processor, records, device=accelerator.device, caption_scorers=("bleu", "cider"))
-        if was_training:
-            model.train()
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
         _log(metrics_path, {"step": step, "eval": metrics, "validation_records": n})
         accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
