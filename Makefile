@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv browser test demo bench lint clean
+.PHONY: venv browser test demo bench lint clean fuzz
 
 venv: $(STAMP)
 
@@ -29,6 +29,12 @@ demo: venv
 
 bench: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run
+
+# schemathesis (--checks all) against a live `mmgpt serve` of an untrained tiny model, for FUZZ_SECONDS
+# (default 60); fails on any 5xx or response outside the OpenAPI schema (tests/fuzz_server.py says more).
+FUZZ_SECONDS ?= 60
+fuzz: venv
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python tests/fuzz_server.py --max-time $(FUZZ_SECONDS) $(FUZZ_ARGS)
 
 lint: venv
 	$(BIN)/ruff check mmgpt encoders train tests benchmarks

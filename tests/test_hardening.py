@@ -33,8 +33,6 @@ from mmgpt import build_model
 from mmgpt.api import ModelLoadError, load
 from mmgpt.cli import main as cli_main
 from mmgpt.serve import create_app
-from mmgpt.serve.guards import json_depth
-from mmgpt.serve.inputs import PixelBudget
 from train.main import main as train_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,6 +123,8 @@ def one_line_error(capsys, argv) -> str:
 
 
 def test_json_depth_counts_nesting_outside_strings():
+    from mmgpt.serve.guards import json_depth
+
     rng = random.Random(0)
 
     def nest(depth: int):
@@ -259,6 +259,8 @@ def test_the_pixels_of_one_request_are_bounded():
 
 
 def test_pixels_in_flight_wait_for_their_turn():
+    from mmgpt.serve.inputs import PixelBudget
+
     async def scenario() -> list[str]:
         budget, order = PixelBudget(100), []
 
