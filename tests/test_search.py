@@ -152,6 +152,9 @@ def test_approximate_index_above_the_threshold_agrees_with_exact(vl, collection,
     build(folder, vl, tmp_path / "idx", workers=0, progress=False)
     index = SearchIndex(tmp_path / "idx")
     assert index.approximate
+    import faiss
+
+    assert faiss.downcast_index(index.faiss.index).hnsw.efSearch >= 64  # calibrated, kept in vectors.faiss
     q = vl.embed_texts([w[2] for w in WORLD])
     approx, exact = index.search(q, 10), index.search(q, 10, exact=True)
     for a, e in zip(approx, exact):  # 24 vectors: HNSW visits them all

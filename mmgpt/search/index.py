@@ -27,14 +27,15 @@ from mmgpt.search.scan import ImageFiles, collate, stack, walk
 from mmgpt.search.store import SearchIndexError, Store
 
 FAISS_FILE = "vectors.faiss"
-# From benchmarks/search.py (2 cores, E=256): flat costs ~0.12 ms per 1k vectors per query, so it stays
-# under ~25 ms up to ~200k vectors; HNSW (M=32, efSearch=APPROX_EF_SEARCH) is then several times faster
-# with recall@10 >= 0.95 on random unit vectors, the hardest case (real embeddings do better).
+# Measured with benchmarks/search.py (2 shared cores, E=256, one query at a time): flat costs ~0.1-0.3 ms
+# per 1k vectors, so it stays in tens of ms up to ~200k vectors; there approximate search starts. On random
+# unit vectors (the hardest case: neighbours barely nearer than anything else) HNSW needs a wide search to
+# find 95% of the true top 10, so efSearch is calibrated on the index's own data when it is built.
 APPROX_MIN_VECTORS = 200_000
 APPROX_M = 32
 APPROX_EF_CONSTRUCTION = 80
-APPROX_EF_SEARCH = 512
-
+APPROX_RECALL = 0.95  # recall@10 against exact search that the calibration aims for
+APPROX_EF_SEARCH = (64, 8192)  # efSearch tried: doubling from the first up to the last
 
 def _faiss():
     try:
@@ -76,7 +77,7 @@ def model_identity(pipeline) -> dict:
 
 def make_faiss(ids: np.ndarray, vectors: np.ndarray, approximate: bool | None = None):
     """A FAISS index of ``vectors`` (N, E) under ``ids`` (N,): flat inner product, or HNSW when
-    ``approximate`` (default: from ``APPROX_MIN_VECTORS`` on)."""
+    ``approximate`` (default: from ``APPROX_MIN_VECTORS`` on), its efSearch set by `calibrate`."""
     faiss = _faiss()
     dim = vectors.shape[1]
     if approximate is None:
@@ -84,13 +85,39 @@ def make_faiss(ids: np.ndarray, vectors: np.ndarray, approximate: bool | None = 
     if approximate:
         inner = faiss.IndexHNSWFlat(dim, APPROX_M, faiss.METRIC_INNER_PRODUCT)
         inner.hnsw.efConstruction = APPROX_EF_CONSTRUCTION
-        inner.hnsw.efSearch = APPROX_EF_SEARCH
     else:
         inner = faiss.IndexFlatIP(dim)
     index = faiss.IndexIDMap2(inner)
     if len(ids):
-        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        index.add_with_ids(vectors, ids)
+        if approximate:
+            calibrate(index, ids, vectors)
     return index
+
+
+def calibrate(index, ids: np.ndarray, vectors: np.ndarray, queries: int = 200, k: int = 10, seed: int = 0) -> dict:
+    """Set the HNSW index's efSearch to the smallest of `APPROX_EF_SEARCH` whose recall@k against exact
+    search reaches `APPROX_RECALL`, on queries near stored vectors (each one plus noise of its own size
+    over all dimensions, re-normed: about 45 degrees away). -> ``{"ef_search", "recall"}``."""
+    faiss = _faiss()
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(vectors), size=min(queries, len(vectors)), replace=False)
+    noise = rng.standard_normal((len(pick), vectors.shape[1])).astype(np.float32) / np.sqrt(vectors.shape[1])
+    q = vectors[pick] + noise
+    q /= np.linalg.norm(q, axis=1, keepdims=True)  # (Q, E)
+    k = min(k, len(vectors))
+    _, exact = faiss.knn(q, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)  # (Q, k) row numbers
+    truth = ids[exact]
+    inner = faiss.downcast_index(index.index)
+    ef, last = APPROX_EF_SEARCH
+    while True:
+        inner.hnsw.efSearch = ef
+        _, got = index.search(q, k)
+        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, truth)]))
+        if recall >= APPROX_RECALL or ef >= last:
+            return {"ef_search": ef, "recall": recall}
+        ef *= 2
 
 
 def is_approximate(index) -> bool:
