@@ -291,6 +291,10 @@ def test_other_refusals_are_400_in_openais_shape(client):
     assert refused(lambda: ask(client, five), 400)["code"] == "too_many_images"
     err = refused(lambda: ask(client, [*CONVERSATIONS[0], {"role": "assistant", "content": "red"}]), 400)
     assert "last message" in err["message"]
+    too_long = [user(RED, "what color is it? " * 80)]  # more tokens than the decoder's 256 positions
+    for stream in (False, True):
+        err = refused(lambda: ask(client, too_long, stream=stream), 400)  # noqa: B023 - called at once
+        assert "positions" in err["message"], err
 
 
 def test_a_wrong_or_missing_key_is_401_on_every_v1_route(client, server):
