@@ -234,7 +234,7 @@ def test_interactive_session_in_a_pseudo_terminal(model_dir, vl, images, tmp_pat
     term = Terminal([sys.executable, "-m", "mmgpt.cli", "chat", str(model_dir), images["red"], "--device", "cpu"],
                     env)
     try:
-        term.expect("1 image for your first question")
+        term.expect("1 image for your first question", timeout=180)  # the model loads (slow on a busy machine)
         term.expect("> ")
         term.type(Q1 + "\n")
         assert term.expect("> ").split("\n")[-2] == ANSWERS["red"][0]  # the line after the echoed question

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import pytest
 
@@ -111,9 +112,46 @@ def chat_dir(tmp_path_factory):
     return train_chat_model(tmp_path_factory.mktemp("chat-model"))  # 4 images, answers of several words
 
 
+class SlowPieces:
+    """A streamed answer whose pieces come at least DELAY_S apart (its `turn` as the stream's)."""
+
+    DELAY_S = 0.2
+
+    def __init__(self, pieces):
+        self.pieces, self.first = pieces, True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        piece = next(self.pieces)
+        if not self.first:
+            time.sleep(self.DELAY_S)
+        self.first = False
+        return piece
+
+    @property
+    def turn(self):
+        return getattr(self.pieces, "turn", None)
+
+
+class SlowStreams:
+    """A pipeline whose streamed answers come piece by piece slowly enough that each piece reaches the page
+    on its own however busy the machine is: the test sees the answer grow."""
+
+    def __init__(self, vl):
+        self.vl = vl
+
+    def __getattr__(self, name: str):
+        return getattr(self.vl, name)
+
+    def stream_chat(self, *args, **kwargs) -> SlowPieces:
+        return SlowPieces(self.vl.stream_chat(*args, **kwargs))
+
+
 @pytest.fixture(scope="module")
 def chat_url(chat_dir):
-    with background(create_app(chat_dir, device="cpu")) as url:
+    with background(create_app(SlowStreams(load(chat_dir, device="cpu")), name=chat_dir.name)) as url:
         yield url
 
 
@@ -194,7 +232,16 @@ def test_chat_asks_for_the_api_key_and_keeps_it_in_the_page(page, chat_dir):
     with background(create_app(chat_dir, device="cpu", api_key="sesame")) as url:
         page.goto(url + "/")
         assert page.locator("#key-box").get_attribute("open") is None
-        page.set_input_files("#file", files=[{"name": "red.png", "mimeType": "image/png", "buffer": png(red)}])
+        page.evaluate(  # paste the image into the question field
+            """(bytes) => {
+                const dt = new DataTransfer();
+                dt.items.add(new File([new Uint8Array(bytes)], "red.png", { type: "image/png" }));
+                document.querySelector("#question").dispatchEvent(
+                    new ClipboardEvent("paste", { clipboardData: dt, bubbles: true }));
+            }""",
+            list(png(red)),
+        )
+        assert page.locator("#thumbs .thumb").count() == 1
         page.wait_for_selector('#caption[data-state="error"]', timeout=WAIT_MS)
         assert page.locator("#caption").text_content() == "this server needs an API key: enter it below"
         assert page.locator("#key-box").get_attribute("open") is not None

@@ -326,7 +326,8 @@ zone.addEventListener("drop", (e) => {
   zone.classList.remove("over");
   add([...e.dataTransfer.files]);
 });
-document.addEventListener("paste", (e) => {
+document.addEventListener("paste", (e) => {  // images pasted anywhere in the chat (not in other sections)
+  if (e.target !== document.body && !(e.target.closest && e.target.closest("main"))) return;
   const files = [...(e.clipboardData ? e.clipboardData.files : [])].filter((f) => f.type.startsWith("image/"));
   if (files.length) { e.preventDefault(); add(files); }
 });
