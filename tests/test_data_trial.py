@@ -64,9 +64,9 @@ def test_vqa_accuracy_k_answers_by_hand():
 
 
 @pytest.mark.parametrize("k, expected, rules", [
-    (1, 1.0, {"official_10_answers": 0, "any_match": 4}),
-    (3, 1.0, {"official_10_answers": 0, "any_match": 4}),
-    (10, 0.9, {"official_10_answers": 4, "any_match": 0}),  # 3 of 10 annotators said it: 0.9 by hand
+    (1, 1.0, {"official_10_answers": 0, "one_answer": 4, "any_of_k_answers": 0}),
+    (3, 1.0, {"official_10_answers": 0, "one_answer": 0, "any_of_k_answers": 4}),
+    (10, 0.9, {"official_10_answers": 4, "one_answer": 0, "any_of_k_answers": 0}),  # 3 of 10 said it: 0.9
 ])
 def test_eval_scores_k_answers_and_says_which_rule(tmp_path, capsys, k, expected, rules):
     names = _world_folder(tmp_path)
@@ -80,8 +80,8 @@ def test_eval_scores_k_answers_and_says_which_rule(tmp_path, capsys, k, expected
     m = json.loads(out)
     assert m["vqa_accuracy"] == pytest.approx(expected)  # the tiny model answers every question right
     assert m["vqa_rules"] == rules
-    if rules["any_match"]:
-        assert "scored 1 when the answer matches any of them" in err
+    if rules["any_of_k_answers"]:
+        assert "4 questions with 2-9 or over 10 reference answers scored 1 when the answer matches any" in err
     else:
         assert "VQA accuracy" not in err
 

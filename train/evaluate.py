@@ -51,7 +51,8 @@ class EvalResult:
     # The bad records skipped, each named (file and line, shard and key, dataset row) with its reason.
     bad: BadDataCounter = field(default_factory=BadDataCounter)
     # How many questions each VQA accuracy rule scored (train.metrics.vqa_accuracy): "official_10_answers"
-    # (ten reference answers, the VQAv2 rule) and "any_match" (another number: 1 if any matches).
+    # (ten reference answers, the VQAv2 rule), "one_answer" (exact match) and "any_of_k_answers" (another
+    # number of answers: 1 if any matches).
     vqa_rules: dict[str, int] = field(default_factory=dict)
     conversations: int = 0  # conversation records (task "chat") read and not scored here
 
@@ -241,8 +242,10 @@ def evaluate(
                 qtypes = [q.qtype or "other" for _, q in questions]
             metrics.update(vqa_score(answers, [q.answers for _, q in questions], qtypes))
             # which rule scored them (train.metrics.vqa_accuracy): the official one needs ten answers
-            official = sum(len(q.answers) == OFFICIAL_ANSWERS for _, q in questions)
-            vqa_rules = {"official_10_answers": official, "any_match": n - official}
+            counts = [len(q.answers) for _, q in questions]
+            official, single = counts.count(OFFICIAL_ANSWERS), counts.count(1)
+            vqa_rules = {"official_10_answers": official, "one_answer": single,
+                         "any_of_k_answers": n - official - single}
             examples += [
                 {"task": "vqa", "image_id": g.key, "image": g.image, "question": q.question, "answer": a,
                  "answers": q.answers, "qtype": q.qtype}

@@ -92,10 +92,11 @@ def run(args) -> int:
     if "vqa" in tasks and m["num_questions"] == 0 and args.task != "all":
         print("mmgpt eval: note: the data has no questions; no VQA metrics", file=sys.stderr)
     rules = result.vqa_rules
-    if rules.get("any_match"):
-        print(f"mmgpt eval: note: VQA accuracy: {rules['official_10_answers']} questions with 10 reference answers "
-              f"scored by the official VQAv2 rule, {rules['any_match']} with another number of answers scored 1 "
-              "when the answer matches any of them (docs/guide.md, 'VQA accuracy')", file=sys.stderr)
+    if rules.get("any_of_k_answers"):  # the official rule is defined for 10 answers: say what the others got
+        print(f"mmgpt eval: note: VQA accuracy: {rules['any_of_k_answers']} questions with 2-9 or over 10 reference "
+              "answers scored 1 when the answer matches any of them (the official VQAv2 rule, used for the "
+              f"{rules['official_10_answers']} with exactly 10, is defined for 10; {rules['one_answer']} with one "
+              "answer: exact match); docs/guide.md, 'VQA accuracy'", file=sys.stderr)
     print_bad(result.bad)
     out = dict(m, bad=result.bad.records, **({"vqa_rules": rules} if rules else {})) if args.json else None
     print(json.dumps(out) if args.json else result.table(), flush=True)
