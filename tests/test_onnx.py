@@ -119,3 +119,15 @@ def test_image_slot_codes_are_in_the_exported_memory(tmp_path):
     out = ox.generate(px.numpy(), batch["input_ids"].numpy(), batch["attention_mask"].numpy(), max_new_tokens=5,
                       eos_token_id=-1)
     assert out.tolist() == gen.tolist()
+
+
+def test_prefix_fusion_is_refused_in_one_line(tmp_path, capsys):
+    from mmgpt import build_model
+
+    model, proc = build_model("tiny-prefix", texts=["a red circle"])
+    model.save_pretrained(tmp_path / "m")
+    proc.save_pretrained(tmp_path / "m")
+    assert main(["export", str(tmp_path / "m"), "--out", str(tmp_path / "o")]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("mmgpt export")]  # (and load bars)
+    assert len(err) == 1 and "fusion='prefix'" in err[0] and "cross-attention" in err[0]
+    assert not (tmp_path / "o").exists()
