@@ -83,8 +83,12 @@ def can_sample(gc) -> bool:
 def sampling_warpers(kwargs: dict, gc):
     """The LogitsProcessorList GenerationMixin builds for these sampling options (`_get_logits_processor`,
     its warpers part, for one beam)."""
-    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     t, k, p = (_setting(n, kwargs, gc) for n in ("temperature", "top_k", "top_p"))
     warpers = LogitsProcessorList()

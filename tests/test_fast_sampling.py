@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from test_model import left_padded_prompts, make_model
 from transformers import GenerationConfig
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from mmgpt import fastgen
-from test_model import left_padded_prompts, make_model
 
 
 @pytest.fixture(scope="module")

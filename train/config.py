@@ -104,6 +104,9 @@ class TrainConfig:
     time_schedule: bool = False
     precision: str = "auto"  # auto: fp32 on CPU, bf16 on GPUs that have it, else fp16; or no | bf16 | fp16
     activation_checkpointing: bool = False
+    # torch.compile (inductor) of the training forward and backward, on CPU and GPU: the first steps wait
+    # for the compiler (a minute or more); checkpoints, evaluation and export use the eager model
+    compile: bool = False
     eval_every: int = 0  # steps; 0 = only at the end
     checkpoint_every: int = 0  # steps; 0 = no periodic checkpoints
     keep_checkpoints: int = 2

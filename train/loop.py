@@ -273,6 +273,9 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> dict:
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, clock))
     model, optimizer, dl, scheduler = accelerator.prepare(model, optimizer, dl, scheduler)
+    # compile: the training step runs a compiled view of the same module (same parameters); checkpoints,
+    # evaluation and export keep using `model`, so their keys and behaviour do not depend on it
+    train_forward = torch.compile(model) if cfg.compile else model
     if cfg.trackers:
         accelerator.init_trackers("mmgpt", config={k: str(v) for k, v in to_dict(cfg).items()})
 
@@ -377,7 +380,7 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> dict:
                         inputs["vision_outputs"] = cached
                         del inputs["pixel_values"]
                 with accelerator.accumulate(model):
-                    outputs = model(**inputs)
+                    outputs = train_forward(**inputs)
                     loss = outputs.loss
                     ramp = cfg.objectives.itc_warmup_steps
                     if ramp and state["step"] < ramp and outputs.itc_loss is not None:
