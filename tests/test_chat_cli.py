@@ -102,8 +102,9 @@ def images(tmp_path_factory) -> dict[str, str]:
     return paths
 
 
-def piped(capsys, monkeypatch, stdin: str, *argv) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+def piped(capsys, monkeypatch, stdin: str | bytes, *argv) -> tuple[int, str, str]:
+    stream = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8") if isinstance(stdin, bytes) else io.StringIO(stdin)
+    monkeypatch.setattr(sys, "stdin", stream)
     rc = main(["chat", *map(str, argv), "--device", "cpu"])
     out = capsys.readouterr()
     return rc, out.out, out.err
@@ -137,6 +138,11 @@ def test_piped_lines_are_turns_answered_as_vl_chat(capsys, monkeypatch, model_di
                        "--max-new-tokens", "1")
     system = {"role": "system", "content": "be brief"}
     assert rc == 0 and out.splitlines() == [vl.chat([system, user(Q2, images["blue"])], max_new_tokens=1)]
+
+    # bytes that are not UTF-8 are read as U+FFFD, not a traceback
+    rc, out, err = piped(capsys, monkeypatch, b"what color\xff is it?\n", model_dir, images["red"])
+    assert rc == 0 and err == ""
+    assert out.splitlines() == [vl.chat([user("what color\ufffd is it?", images["red"])], num_beams=1)]
 
     # --temperature samples, --seed makes it reproducible: as vl.chat sampling from the same seed
     rc, out, _ = piped(capsys, monkeypatch, f"{Q1}\n", model_dir, images["red"], "--temperature", "5", "--seed", "3")

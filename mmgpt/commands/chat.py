@@ -195,7 +195,7 @@ class Chat:
 
     def line(self, line: str) -> bool:
         """One input line (a command or a question); False means quit."""
-        line = line.strip()
+        line = line.encode("utf-8", "replace").decode("utf-8").strip()  # lone surrogates (undecodable bytes): '?'
         if not line:
             return True
         if line.startswith("/"):
@@ -282,6 +282,8 @@ def run(args) -> int:
     import warnings
 
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not text in the input's encoding become U+FFFD
+        sys.stdin.reconfigure(errors="replace")
     gen = _gen_options(args)  # a bad option is reported before the model loads
     vl = _load_pipeline(args)
     if args.seed is not None:
