@@ -340,3 +340,37 @@ def test_serve_refuses_an_index_of_another_model(vl, collection, tmp_path, capsy
     assert cli(["serve", str(tmp_path / "other"), "--index", str(tmp_path / "idx"), "--port", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--index" in err and "not with this one" in err
+
+
+def test_search_box_in_chromium(vl, collection, tmp_path):
+    chromium = os.environ.get("MMGPT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("no chromium on PATH (apt-get install chromium, or set MMGPT_CHROMIUM)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+    from mmgpt.serve import create_app
+    from mmgpt.serve.server import background
+
+    folder, _ = collection
+    build(folder, vl, tmp_path / "idx", workers=0, progress=False)
+    index = SearchIndex(tmp_path / "idx")
+    ref = index.search_text(vl, ["a green circle"], k=12)[0]
+    with background(create_app(vl, search_index=index)) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.fill("#search-text", "a green circle")
+            page.click("#search-form button")
+            page.wait_for_function("document.querySelectorAll('#search-results img').length === 12", timeout=30_000)
+            alts = page.eval_on_selector_all("#search-results img", "els => els.map(e => e.alt)")
+            scores = page.eval_on_selector_all("#search-results figcaption", "els => els.map(e => e.textContent)")
+            assert alts == [h.path for h in ref] and scores == [f"{h.score:.3f}" for h in ref]
+            page.wait_for_function("[...document.querySelectorAll('#search-results img')].every("
+                                   "i => i.complete && i.naturalWidth === 64)", timeout=30_000)  # served by id
+            page.set_input_files("#search-image", str(folder / "3-2.png"))
+            page.click("#search-form button")
+            page.wait_for_function("document.querySelector('#search-results img')?.alt === '3-2.png'",
+                                   timeout=30_000)
+        finally:
+            browser.close()
