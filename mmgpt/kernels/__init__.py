@@ -4,7 +4,8 @@
 (`rows_linear.c`). torch's one-row and few-row products (MKL's addmm and gemv, oneDNN) read the
 weights at 5-9 GB/s on the 2-core AVX2 machine this was written on, where memory streams 15-22
 (`python -m benchmarks.decode_kernels`); this kernel reads weights packed in 16-column panels,
-which the hardware prefetchers stream whole.
+which the hardware prefetchers stream whole. `rows_linear_int8`: the same product on int8 weights with one
+scale per output column (`mmgpt.quantize`), widened to fp32 in registers: a quarter of the bytes.
 
 The C file is compiled once per source version with the system's C compiler (`gcc`, else `$CC` or
 `cc`; well under a second, no torch headers) into `$XDG_CACHE_HOME/mmgpt/kernels` (default
