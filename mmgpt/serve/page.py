@@ -185,8 +185,7 @@ function discard(item) {  // an image removed, or one the server cannot read, le
   item.bad = true;
   images = images.filter((im) => im !== item);
   pending = pending.filter((im) => im !== item);
-  item.figure.remove();
-  URL.revokeObjectURL(item.src);
+  item.figure.remove();  // its object URL lives on until Reset: a failed question's bubble may still show it
   number();
   ready();
 }
