@@ -66,13 +66,14 @@ def _additive_memory_mask(memory_mask: torch.Tensor | None, dtype) -> torch.Tens
     return out[:, None, None, :]
 
 
-def _block_with_shared_memory(block, h, mask, memory, slots, position_ids, code=None) -> torch.Tensor:
+def _block_with_shared_memory(block, h, mask, memory, slots, position_ids, code=None, kv=None) -> torch.Tensor:
     """GPT-2 block (self-attention, cross-attention, MLP) for rows that share images: row b attends to the
     images ``memory[slots[b, j]]`` (j = 0 .. M-1; -1 = no image in that slot), each plus its slot's code
     ``code[j]`` when given. The cross-attention keys and values are projected once per image and then
     picked per row, where the block itself would project the row's memory once per row (4x the work with
     a caption and 3 questions per image). The code enters the projection linearly, so its keys / values
-    are added after the pick. Same math as ``block(h, ..., row_memory, memory_mask)``; training path only."""
+    are added after the pick. Same math as ``block(h, ..., row_memory, memory_mask)``; training path only.
+    ``kv``: the images' keys and values, projected already (one projection for several buckets of rows)."""
     residual = h
     attn, _ = block.attn(block.ln_1(h), cache=None, attention_mask=mask, use_cache=False, position_ids=position_ids)
     h = attn + residual
@@ -82,7 +83,7 @@ def _block_with_shared_memory(block, h, mask, memory, slots, position_ids, code=
     m = slots.shape[1]
     heads, hd = ca.num_heads, ca.head_dim
     q = ca.q_attn(block.ln_cross_attn(h)).view(b, t, heads, hd).transpose(1, 2)  # (B, H, T, hd)
-    key, value = ca.c_attn(memory).split(ca.split_size, dim=2)  # (B_img, K, D) each
+    key, value = kv if kv is not None else ca.c_attn(memory).split(ca.split_size, dim=2)  # (B_img, K, D) each
     pick = slots.clamp(min=0).reshape(-1)  # (B*M,)
     # index_select, not key[pick]: its backward (index_add_) is ~5x faster on CPU than index_put_
     key = key.index_select(0, pick).view(b, m, k, d)  # (B, M, K, D)
@@ -102,24 +103,40 @@ def _block_with_shared_memory(block, h, mask, memory, slots, position_ids, code=
     return h + block.mlp(block.ln_2(h))
 
 
-def _length_buckets(attention_mask: torch.Tensor | None, keep: float = 0.75):
-    """Rows of a right-padded training batch in two buckets, shortest first, each padded only to its own
-    longest row, when that runs at most `keep` of the tokens of one (B, T) pass (a caption and questions of
-    ~16 tokens beside conversations of ~50): [(rows, width), (rows, width)], or None."""
+def _length_buckets(attention_mask: torch.Tensor | None, slots: torch.Tensor | None = None, keep: float = 0.75):
+    """Rows of a right-padded training batch in buckets, each padded only to its own longest row and its own
+    number of images: rows by image count (a question about two images reads twice the memory of a caption),
+    then each count's rows in two by length, shortest first (a caption and questions of ~16 tokens beside
+    conversations of ~50). -> [(rows, width)], or None when one (B, T) pass runs at most 1/`keep` of the
+    buckets' work."""
     if attention_mask is None or attention_mask.shape[0] < 2:
         return None
     b, t = attention_mask.shape
-    lengths = attention_mask.sum(1)  # (B,)
     if not bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):  # not right padding
         return None
-    sorted_len, order = torch.sort(lengths, stable=True)
-    n = torch.arange(1, b, device=lengths.device)  # rows in the short bucket
-    cost = n * sorted_len[:-1] + (b - n) * sorted_len[-1]  # tokens run with the split after n rows
-    best = int(torch.argmin(cost))
-    if float(cost[best]) > keep * b * t:
+    lengths = attention_mask.sum(1)  # (B,)
+    counts = (slots >= 0).sum(1) if slots is not None else torch.ones_like(lengths)  # (B,)
+    m_max = int(counts.max())
+    out, work = [], 0
+    for m in sorted(set(counts.tolist())):
+        idx = (counts == m).nonzero().squeeze(1)
+        sorted_len, order = torch.sort(lengths[idx], stable=True)
+        order = idx[order]
+        n = order.shape[0]
+        cut = n
+        if n > 1:
+            k = torch.arange(1, n, device=lengths.device)  # rows in the short bucket
+            cost = k * sorted_len[:-1] + (n - k) * sorted_len[-1]
+            best = int(torch.argmin(cost))
+            if float(cost[best]) < n * float(sorted_len[-1]):
+                cut = best + 1
+        for rows, width in ((order[:cut], sorted_len[cut - 1]), (order[cut:], sorted_len[-1])):
+            if rows.numel():
+                out.append((rows, int(width)))
+                work += rows.numel() * int(width) * (1 + m)  # tokens, and the memory they read
+    if work > keep * b * t * (1 + m_max):
         return None
-    cut = best + 1
-    return [(order[:cut], int(sorted_len[cut - 1])), (order[cut:], int(sorted_len[-1]))]
+    return out
 
 
 def _fuse_tanh_gelu(decoder) -> None:
@@ -360,22 +377,39 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         return h, tapped, cache
 
     def _bucketed_decoder(self, buckets, input_ids, attention_mask, memory, memory_slots, memory_mask):
-        """`run_decoder` over each bucket of rows cut to its own longest row; -> (B, T, Dt) hidden states, zeros
-        past each row's bucket width (padding: no targets there). Right padding, so every real token sees
-        exactly what it sees in the whole batch."""
+        """The decoder over each bucket of rows cut to its own longest row and number of images (right
+        padding, so every real token sees exactly what it sees in the whole batch); -> (B, T, Dt) hidden
+        states after ln_f, zeros past each row's bucket width (padding: no targets there). Layer by layer,
+        so the images' cross-attention keys and values are projected once for all buckets."""
         b, t = input_ids.shape
-        out = None
-        for rows, width in buckets:
-            mem, mmask, slots = memory, None, None
-            if memory_slots is not None:
-                slots = memory_slots[rows]  # memory stays one per image
-            elif memory is not None:
-                mem = memory[rows]
+        if memory_slots is None:  # a memory per row (no slot codes): each bucket through run_decoder
+            parts = []
+            for rows, width in buckets:
                 mmask = memory_mask[rows] if memory_mask is not None else None
-            h, _, _ = self.run_decoder(input_ids[rows, :width], attention_mask[rows, :width], mem,
-                                       memory_slots=slots, memory_mask=mmask)  # (b_k, width, Dt)
-            if out is None:
-                out = h.new_zeros(b, t, h.shape[-1])
+                mem = memory[rows] if memory is not None else None
+                parts.append(self.run_decoder(input_ids[rows, :width], attention_mask[rows, :width], mem,
+                                              memory_mask=mmask)[0])
+        else:
+            tr = self.decoder.transformer
+            hs, pos, masks, slots = [], [], [], []
+            for rows, width in buckets:
+                am = attention_mask[rows, :width]
+                p = self._positions(am, 0, width, input_ids.device)  # (b_k, width)
+                hs.append(tr.drop(tr.wte(input_ids[rows, :width]) + tr.wpe(p)))
+                pos.append(p)
+                masks.append(self._self_attn_mask(am, 0, width, hs[-1].dtype, hs[-1].device))
+                sl = memory_slots[rows]
+                slots.append(sl[:, : max(1, int((sl >= 0).sum(1).max()))])
+            for i, block in enumerate(tr.h):
+                if i < self.k:
+                    hs = [block(h, None, m, None, use_cache=False, position_ids=p) for h, m, p in zip(hs, masks, pos)]
+                    continue
+                kv = block.crossattention.c_attn(memory).split(block.crossattention.split_size, dim=2)
+                hs = [_block_with_shared_memory(block, h, m, memory, sl, p, self.image_code, kv=kv)
+                      for h, m, sl, p in zip(hs, masks, slots, pos)]
+            parts = [tr.ln_f(h) for h in hs]
+        out = parts[0].new_zeros(b, t, parts[0].shape[-1])
+        for (rows, width), h in zip(buckets, parts):
             out = out.index_put((rows[:, None], torch.arange(width, device=h.device)[None, :]), h)
         return out
 
@@ -520,7 +554,7 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
             buckets = None
             if not return_logits and labels is not None and tap is None and not use_cache and cache is None \
                     and position_ids is None:
-                buckets = _length_buckets(attention_mask)
+                buckets = _length_buckets(attention_mask, memory_slots)
             if buckets is not None:  # short and long rows (records beside conversations) padded apart
                 hidden = self._bucketed_decoder(buckets, input_ids, attention_mask, memory, memory_slots, memory_mask)
             else:

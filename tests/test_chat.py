@@ -251,3 +251,29 @@ def test_a_decoders_own_template_keeps_its_format_with_image_placeholders_and_as
     assert ids.count(ph) == 6 and all(lab == -100 for i, lab in zip(ids, labels) if i == ph)
     kept = proc.tokenizer.decode([i for i, lab in zip(ids, labels) if lab != -100])
     assert kept == "red<|im_end|>\nblue<|im_end|>\n"
+
+
+def test_length_buckets_give_the_loss_and_gradients_of_one_padded_pass(monkeypatch):
+    import mmgpt.model as mm
+
+    model, proc = _model("cross", seed=3)
+    model.train()
+    ds = ShapesDataset("train", size=8, task_mix={"caption": 1, "vqa": 2, "chat": 1, "two_image": 1}, grouped=True)
+    batch = Collator(proc)([ds[i] for i in range(8)])
+    inputs = {k: batch[k] for k in MODEL_KEYS if k in batch}
+    buckets = mm._length_buckets(inputs["attention_mask"], inputs["image_slots"])
+    assert buckets is not None and len(buckets) >= 3  # one- and two-image rows apart, short and long apart
+
+    def run():
+        model.zero_grad()
+        out = model(**inputs)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_b, grads_b = run()
+    monkeypatch.setattr(mm, "_length_buckets", lambda *a: None)
+    loss_1, grads_1 = run()
+    torch.testing.assert_close(loss_b, loss_1, atol=1e-6, rtol=1e-6)
+    assert grads_b.keys() == grads_1.keys()
+    for name in grads_1:
+        torch.testing.assert_close(grads_b[name], grads_1[name], atol=1e-5, rtol=1e-4, msg=name)
