@@ -115,6 +115,12 @@ def test_llava_json_and_messages_images_give_the_same_records(tmp_path):
         json.dumps({"messages": m, "images": [names[i] for i in idx]}) + "\n" for m, idx in MESSAGES))
     plain = build_source(f"jsonl:{tmp_path / 'msgs.jsonl'}")
     _same_records(got, [plain[i] for i in range(len(plain))])
+    # image parts that carry their image (a path relative to the file) instead of an images list
+    inline = [[dict(m, content=[dict(p, image=names[idx[k]]) if p["type"] == "image" else p
+                                for k, p in enumerate(m["content"])]) for m in msgs] for msgs, idx in MESSAGES]
+    (tmp_path / "inline.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in inline))
+    carried = build_source(f"jsonl:{tmp_path / 'inline.jsonl'}")
+    _same_records(got, [carried[i] for i in range(len(carried))])
 
 
 def test_a_hub_style_llava_dataset_reads_as_the_llava_file(tmp_path):

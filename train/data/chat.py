@@ -146,7 +146,10 @@ def chat_entry_from_row(row: Mapping, where: str, root: Path | None = None, imag
     image_id = row.get("id", row.get("image_id"))
     if "conversations" in row:
         return chat_entry(row["conversations"], images, where, image_id, llava=True)
-    return chat_entry(row["messages"], images, where, image_id)
+    entry = chat_entry(row["messages"], images, where, image_id)
+    if root is not None and entry.images:  # image parts that carry a relative path: relative to the file
+        entry.images = [_image_path(x, root) for x in entry.images]
+    return entry
 
 
 def _read_llava_items(path: Path) -> list[tuple[str, Any]]:
