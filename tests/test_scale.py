@@ -74,3 +74,96 @@ def test_two_processes_evaluate_with_the_metrics_of_one(tmp_path):
     assert one.metrics.keys() == two["metrics"].keys()
     for key, value in one.metrics.items():
         assert two["metrics"][key] == pytest.approx(value, abs=1e-6), key
+
+
+# --- weighted mixtures ------------------------------------------------------------------------------
+
+
+def _shards(folder: Path, n_shards: int = 2, per: int = 10) -> str:
+    """Tiny WebDataset shards (PNG + caption); -> their brace pattern."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    for shard in range(n_shards):
+        with tarfile.open(folder / f"s{shard}.tar", "w") as tar:
+            for k in range(per):
+                buf = io.BytesIO()
+                Image.fromarray(np.full((32, 32, 3), (5 * k + shard) % 256, dtype=np.uint8)).save(buf, "PNG")
+                for ext, data in (("png", buf.getvalue()), ("txt", f"stream picture {shard} {k}".encode())):
+                    info = tarfile.TarInfo(f"x/{shard}_{k:03d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return f"{folder}/s{{0..{n_shards - 1}}}.tar"
+
+
+def test_weights_from_a_b_strings_lists_and_keys_and_bad_ones_named():
+    from train.config import ConfigError, load_config
+
+    cfg = load_config(None, ["data.train=shapes:train:10::shapes:validation:20", "data.train_weights=1::2.5"])
+    assert [(s["split"], s["weight"]) for s in cfg.data.train] == [("train", 1.0), ("validation", 2.5)]
+    cfg = load_config(None, ["data.train=[{format: shapes, size: 10}, {format: shapes, size: 5, weight: 3}]"])
+    assert [s.get("weight") for s in cfg.data.train] == [None, 3.0]
+    with pytest.raises(ConfigError, match="data.train_weights: 1 weights for 2 sources"):
+        load_config(None, ["data.train=shapes:train:10::shapes:validation:20", "data.train_weights=[1]"])
+    with pytest.raises(ConfigError, match=r"data.train\[1\]: weight: weights must be > 0"):
+        load_config(None, ["data.train=[{format: shapes, size: 10}, {format: shapes, size: 5, weight: 0}]"])
+
+
+def test_upsampled_sources_take_weight_times_their_size():
+    from train.data.mix import Upsampled
+
+    a, b = list(range(10)), [f"b{i}" for i in range(4)]
+    mix = Upsampled([a, b], [0.5, 2.0])  # 5 evenly spaced of a, b twice
+    assert [mix[i] for i in range(len(mix))] == [0, 2, 4, 6, 8] + b + b
+
+
+def test_a_mixture_with_a_stream_draws_in_proportion_to_the_weights(tmp_path):
+    from train.loop import build_sources
+
+    mix = build_sources(f"shapes:train:50::wds:{_shards(tmp_path, 2, 40)}", seed=3)
+    mix.weights = [1.0, 3.0]
+    items = list(mix)
+    streamed = [x for x in items if isinstance(x, dict) and x.get("target", "").startswith("stream")]
+    assert len({x["target"] for x in streamed}) == 80  # the epoch ends when the stream was read through once
+    assert 0.2 < (len(items) - len(streamed)) / len(items) < 0.3  # ~1/4 from the map-style source
+    assert [x if isinstance(x, list) else x["target"] for x in items][:40] == \
+        [x if isinstance(x, list) else x["target"] for x in list(mix)][:40]  # seeded: the same again
+    mix.set_epoch(1)
+    assert [x["target"] for x in list(mix) if isinstance(x, dict)][:10] != [x["target"] for x in streamed][:10]
+
+
+def test_a_stopped_and_resumed_mixture_reads_the_records_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    import train.loop
+    from train.main import main
+
+    seen: list[list[str]] = []
+
+    class Recording(train.loop.Collator):
+        def __call__(self, items):
+            seen.append([r["target"] for it in items for r in (it if isinstance(it, list) else [it])
+                         if isinstance(r, dict)])
+            return super().__call__(items)
+
+    monkeypatch.setattr(train.loop, "Collator", Recording)
+    common = [str(ROOT / "configs/train/shapes-tiny.yaml"), "data.num_workers=0", "batch_size=4", "log_every=1",
+              # a constant learning rate: the stopped run (max_steps=3) has the schedule of the whole one
+              "progress=false", "optim.warmup_steps=0", "optim.min_lr_ratio=1", "deterministic=true",
+              "model.tokenizer_texts=100", "time_schedule=false",
+              "max_minutes=null", "data.validation=null", "checkpoint_every=3",
+              f"data.train=shapes:train:12::wds:{_shards(tmp_path)}", "data.train_weights=1::2"]
+    assert main([*common, "max_steps=6", f"output_dir={tmp_path / 'whole'}"]) == 0
+    whole, seen[:] = list(seen), []
+    assert main([*common, "max_steps=3", f"output_dir={tmp_path / 'parts'}"]) == 0
+    first, seen[:] = list(seen), []
+    assert main([*common, "max_steps=6", f"output_dir={tmp_path / 'parts'}", "resume=latest"]) == 0
+    # the resumed run reads (and skips) the 3 trained batches again, then goes on as the whole run did; each
+    # run collates one batch ahead of its last step
+    assert len(whole) == 7 and first == whole[:4] and seen == whole
+    assert any("stream" in t for b in whole for t in b) and any("stream" not in t for b in whole for t in b)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in ("whole", "parts"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -27,6 +27,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: list = field(default_factory=lambda: [{"format": "shapes", "split": "train", "size": 20000}])
+    # several sources mixed with weights (open_clip's upsampling factors): [1, 2] or "1::2", one per source;
+    # or a `weight:` key in each source (train.data.mix)
+    train_weights: Any = None
     validation: dict | None = None
     test: dict | None = None
     num_workers: int = 2
@@ -327,6 +330,7 @@ def _check_values(cfg: TrainConfig) -> None:
 def _check_data(d: DataConfig) -> None:
     """Data sources as spec dicts, checked now: a command-line short form (`csv:data.csv`) becomes its
     dict, and a typo in a format or key is an error before the model is built."""
+    from train.data.mix import parse_weights
     from train.data.sources import SourceSpec, parse_source
 
     def spec(value, where: str) -> dict:
@@ -336,11 +340,13 @@ def _check_data(d: DataConfig) -> None:
         try:
             if isinstance(value, str):
                 value = parse_source(value)
-            SourceSpec.from_dict(value)
+            if "weight" in value and where.startswith("data.train"):  # a mixture weight, not a source key
+                value = {**value, "weight": parse_weights(value["weight"], 1, "weight")[0]}
+            SourceSpec.from_dict({k: v for k, v in value.items() if k != "weight"})
             if value.get("format") == "shapes":  # cheap to make: its split, task_mix, counts checked now
                 from train.data import build_source
 
-                build_source(dict(value))
+                build_source({k: v for k, v in value.items() if k != "weight"})
         except ValueError as err:
             raise ConfigError(f"{where}: {err}") from None
         if not where.startswith("data.train") and value.get("size") == 0:
@@ -348,9 +354,17 @@ def _check_data(d: DataConfig) -> None:
         return value
 
     train = d.train if isinstance(d.train, list) else [d.train]
+    if len(train) == 1 and isinstance(train[0], str) and "::" in train[0]:
+        train = train[0].split("::")  # open_clip's a::b
     if not train:
         raise ConfigError("data.train: no training source given")
     d.train = [spec(v, f"data.train[{i}]") for i, v in enumerate(train)]
+    if d.train_weights is not None:
+        try:
+            weights = parse_weights(d.train_weights, len(d.train))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        d.train = [{**s, "weight": w} for s, w in zip(d.train, weights)]
     for key in ("validation", "test"):
         value = getattr(d, key)
         if value is None:

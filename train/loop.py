@@ -58,15 +58,20 @@ def _precision(cfg: TrainConfig) -> str:
     return "no"  # bf16 on this kind of CPU is ~8x slower than fp32
 
 
-def build_sources(specs, grouped: bool = True):
+def build_sources(specs, grouped: bool = True, seed: int = 0):
+    """One data set from source specs; several with weights (a `weight` key, `a::b`) are mixed by
+    train.data.mix (seeded by `seed`)."""
     from train.data import build_source
     from train.data.sources import parse_source
 
-    if isinstance(specs, (dict, str)):
+    if isinstance(specs, str):
+        specs = specs.split("::")  # open_clip's a::b
+    if isinstance(specs, dict):
         specs = [specs]
-    sets = []
+    sets, weights = [], []
     for spec in specs:
         spec = parse_source(spec) if isinstance(spec, str) else dict(spec)
+        weights.append(float(spec.pop("weight", 1.0)))
         if spec.get("format") == "shapes" and grouped:
             spec.setdefault("grouped", True)
         if spec.get("format") in ("webdataset", "wds"):
@@ -75,10 +80,13 @@ def build_sources(specs, grouped: bool = True):
             spec.setdefault("rank", 0)
             spec.setdefault("world_size", 1)
         sets.append(build_source(spec))
-    if len(sets) > 1 and any(isinstance(d, IterableDataset) for d in sets):
-        raise ConfigError("data.train: a streamed source (webdataset) cannot be mixed with other sources; "
-                          "give it alone, or write the others as shards too")
-    return sets[0] if len(sets) == 1 else ConcatDataset(sets)
+    if len(sets) == 1:
+        return sets[0]
+    from train.data.mix import MixedStream, Upsampled
+
+    if any(isinstance(d, IterableDataset) for d in sets):  # drawn at random in proportion to the weights
+        return MixedStream(sets, weights, seed)
+    return ConcatDataset(sets) if all(w == 1 for w in weights) else Upsampled(sets, weights)
 
 
 def _tokenizer_texts(dataset, limit: int) -> list[str]:
@@ -233,7 +241,7 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> dict:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str) + "\n")
     accelerator.wait_for_everyone()
 
-    train_set = build_sources(cfg.data.train)
+    train_set = build_sources(cfg.data.train, seed=cfg.seed)
     model, processor = build_model_for(cfg, train_set)
     if cfg.lora.enabled and not cfg.model.path and not model.config.text_pretrained and main:
         print("warning: lora.enabled on a decoder with random weights (model.preset "
