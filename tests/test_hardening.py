@@ -26,6 +26,7 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn, python
 pytest.importorskip("multipart", reason="the serve extra (fastapi, uvicorn, python-multipart) is not installed")
 
 import torch
+from fastapi import Request
 from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
@@ -256,6 +257,26 @@ def test_the_pixels_of_one_request_are_bounded():
     assert len(stub.seen) == 2  # the refused request decoded nothing
     with pytest.raises(ValueError, match=r"max_request_pixels \(10\) must be >= max_pixels"):
         create_app(Stub(), max_pixels=100, max_request_pixels=10)
+
+
+def test_a_route_added_later_gets_the_same_image_budgets():
+    """A route another module adds (the OpenAI-compatible ones, search) passes only its max_pixels to
+    decode_images; the app's request budget and reduced decoding still apply (ImageLimitsScope)."""
+    from mmgpt.serve.inputs import decode_images
+
+    app = create_app(Stub(image_size=64), max_pixels=300 * 300, max_request_pixels=2 * 300 * 300)
+
+    @app.post("/later")
+    async def later(request: Request) -> dict:
+        form = await request.form()
+        images = await decode_images([await f.read() for f in form.getlist("f")], "f", 300 * 300)
+        return {"sizes": [list(im.size) for im in images]}
+
+    with TestClient(app) as client:
+        r = client.post("/later", files=[("f", png(picture(300))) for _ in range(3)])
+        assert r.status_code == 413 and "at most 180000 pixels" in r.json()["detail"]
+        r = client.post("/later", files=[("f", png(picture(300))) for _ in range(2)])
+        assert r.json() == {"sizes": [[150, 150], [150, 150]]}  # 300 // 128 = 2: reduced by 2
 
 
 def test_pixels_in_flight_wait_for_their_turn():
