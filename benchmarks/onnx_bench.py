@@ -1,5 +1,6 @@
 """Greedy batch-1 decoding of the small model on onnxruntime (the `mmgpt export --format onnx` graphs,
-mmgpt.onnx_runner) beside mmgpt's own fp32 path (MMGPTModel.generate), same random weights, 24 new tokens.
+mmgpt.onnx_runner) beside mmgpt's own fp32 and int8 paths (MMGPTModel.generate), same random weights, 24 new
+tokens, the encoder included: whichever is faster is what to deploy on a CPU.
 
     python -m benchmarks.onnx_bench [--iters 5] [--threads 2]
 
@@ -39,9 +40,19 @@ def onnx_rows(iters: int = 5, threads: int = 2) -> list[tuple]:
             return model.generate(pixel_values=px, input_ids=bos, max_new_tokens=NEW_TOKENS,
                                   min_new_tokens=NEW_TOKENS, do_sample=False)
 
-        t = interleaved_medians({"onnxruntime": ort, "mmgpt fp32": torch_fp32}, iters, warmup=1)
+        fns = {"onnxruntime": ort, "mmgpt fp32": torch_fp32}
+        try:  # mmgpt's int8 decoder (mmgpt.quantize), where this tree has it
+            from mmgpt.quantize import quantize_model
+
+            torch.manual_seed(0)
+            q = quantize_model(build_mmgpt(SMALL).eval(), "int8")  # the same weights, then int8
+            fns["mmgpt int8"] = lambda: q.generate(pixel_values=px, input_ids=bos, max_new_tokens=NEW_TOKENS,
+                                                   min_new_tokens=NEW_TOKENS, do_sample=False)
+        except ImportError:
+            pass
+        t = interleaved_medians(fns, iters, warmup=1)
     rates = {k: NEW_TOKENS / v for k, v in t.items()}
-    note = (f"same weights, {threads} threads; onnxruntime / mmgpt = "
+    note = (f"same weights, {threads} threads; onnxruntime / mmgpt fp32 = "
             f"{rates['onnxruntime'] / rates['mmgpt fp32']:.2f}x")
     return [("greedy small b1", k, f"{r:.1f} tokens/s", note) for k, r in rates.items()]
 
