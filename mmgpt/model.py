@@ -271,6 +271,7 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
 
         -> memory (B, M*K, Dt), each image's tokens plus its slot's code (cross-attention), and a mask
         (B, M*K) of real image tokens, or None when every row has all M images."""
+        full = slots is None  # one image per row: no padding to look for (no data-dependent branch to export)
         if slots is None:
             slots = torch.arange(tokens.shape[0], device=tokens.device)[:, None]  # (B, 1)
         b, m = slots.shape
@@ -282,7 +283,7 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         if self.image_code is not None:
             mem = mem + self.image_code[:m].view(1, m, 1, d).to(mem.dtype)
         valid = slots >= 0  # (B, M)
-        mask = None if bool(valid.all()) else valid.repeat_interleave(k, dim=1)  # (B, M*K)
+        mask = None if full or bool(valid.all()) else valid.repeat_interleave(k, dim=1)  # (B, M*K)
         return mem.reshape(b, m * k, d), mask
 
     def memory_from_pixels(self, pixel_values: torch.Tensor, slots: torch.Tensor | None = None, fast: bool = True
