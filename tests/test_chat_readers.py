@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from train.data import BadDataCounter, DataError, DataWarning, SkipBad, build_source, parse_source
+from train.data import BadDataCounter, BadRecord, DataError, DataWarning, SkipBad, build_source, parse_source
 
 COLORS = [(220, 40, 40), (40, 80, 220), (40, 170, 60)]
 
@@ -69,6 +69,9 @@ def _pixels(rec: dict) -> list[np.ndarray]:
 def _same_records(a, b) -> None:
     assert len(a) == len(b)
     for ra, rb in zip(a, b):
+        if isinstance(ra, BadRecord) or isinstance(rb, BadRecord):  # both bad, for the same reason
+            assert (type(ra), getattr(ra, "reason", None)) == (type(rb), getattr(rb, "reason", None))
+            continue
         assert ra["task"] == rb["task"] == "chat" and (ra["prompt"], ra["target"]) == ("", "")
         assert ra["messages"] == rb["messages"]
         pa, pb = _pixels(ra), _pixels(rb)
@@ -84,9 +87,12 @@ def test_llava_json_and_messages_images_give_the_same_records(tmp_path):
     llava = build_source(f"llava:{tmp_path / 'llava.json'}")
     got = [llava[i] for i in range(len(llava))]
     # the hand-written expectation: placeholders where they stood, the lone image first, roles mapped
-    assert [r["messages"] for r in got] == [m for m, _ in MESSAGES]
-    assert [r.get("image_id") for r in got] == ["one", "two", "none", "text"]
-    assert got[0]["image_source"] == str(tmp_path / "0.png") and got[3]["image"] is None
+    assert [r["messages"] for r in got[:3]] == [m for m, _ in MESSAGES[:3]]
+    assert [r.get("image_id") for r in got[:3]] == ["one", "two", "none"]
+    assert got[0]["image_source"] == str(tmp_path / "0.png") and got[1]["image_ids"] == [
+        str(tmp_path / "0.png"), str(tmp_path / "1.png")]
+    # a conversation without images is skipped (the model answers about images): a counted bad record
+    assert (got[3].reason, got[3].where) == ("no_image", f"{tmp_path / 'llava.json'}:item 3")
 
     pil = [Image.open(tmp_path / n).convert("RGB") for n in names]
     rows = {"messages": [m for m, _ in MESSAGES], "images": [[pil[i] for i in idx] for _, idx in MESSAGES]}

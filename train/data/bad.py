@@ -29,6 +29,7 @@ IMAGE_COUNT = "image_count"  # <image> placeholders (or image parts) and the ima
 NO_ASSISTANT = "no_assistant_turn"
 EMPTY_ASSISTANT = "empty_assistant_turn"
 BAD_CONVERSATION = "bad_conversation"  # a turn of an unknown role, a message that is not a dict, ...
+NO_IMAGE = "no_image"  # a conversation without images (text only): mmgpt trains conversations about images
 
 
 class DataError(ValueError):

@@ -16,8 +16,9 @@ Both give the conversation record of ``mmgpt.conversation`` (task ``chat``), bui
 
 A conversation that cannot train is a counted bad record, as everywhere (``train.data.bad``):
 ``image_count`` (placeholders or image parts and images differ in number), ``no_assistant_turn``,
-``empty_assistant_turn``, ``bad_conversation`` (an unknown role, a message that is not a dict), and
-the image reasons (``missing_file``, ``corrupt_image``, ...) when an image is read.
+``empty_assistant_turn``, ``bad_conversation`` (an unknown role, a message that is not a dict),
+``no_image`` (a text-only conversation: the collator trains conversations about images), and the image
+reasons (``missing_file``, ``corrupt_image``, ...) when an image is read.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ A record is a dict::
      "qtype": str}             # question type (shapes)
 
 A conversation (``task`` "chat", read by ``train.data.chat``) is the record ``mmgpt.conversation`` fixes:
-``{"task": "chat", "messages": [...], "images": [PIL.Image, ...], "image": images[0] or None, "prompt": "",
-"target": "", "image_id", "image_source"}``.
+``{"task": "chat", "messages": [...], "images": [PIL.Image, ...], "image": images[0], "prompt": "",
+"target": "", "image_id", "image_source" (the first image), "image_ids" (every image)}``; a conversation
+without images is a ``no_image`` bad record.
 
 For captions ``prompt`` is "" and ``target`` the caption; for VQA ``prompt`` is the raw
 question (the processor applies the template) and ``target`` the answer. Records of one image
@@ -39,6 +40,7 @@ from train.data.bad import (
     EMPTY_FILE,
     EMPTY_TEXT,
     MISSING_FILE,
+    NO_IMAGE,
     NOT_AN_IMAGE,
     BadRecord,
     DataError,
@@ -305,6 +307,8 @@ def chat_record(e: Entry, image_refs: list | None = None) -> dict | BadRecord:
     if e.bad is not None:
         return BadRecord(e.bad[0], e.where, e.bad[1])
     refs = list(e.images or []) if image_refs is None else list(image_refs)
+    if not refs:  # the collator encodes a conversation's images; text-only ones are not trained on
+        return BadRecord(NO_IMAGE, e.where, "a conversation without images")
     images, sources = [], []
     for k, ref in enumerate(refs):
         image = read_image(ref, e.where)
@@ -313,13 +317,13 @@ def chat_record(e: Entry, image_refs: list | None = None) -> dict | BadRecord:
             return BadRecord(image.reason, e.where, detail)
         images.append(image)
         sources.append(image_source(ref))
-    rec = {"task": "chat", "messages": e.messages, "images": images, "image": images[0] if images else None,
-           "prompt": "", "target": ""}
+    # each image known by its file, or by where the record is: image_source names the first (the record's
+    # `image`), image_ids all of them in order (the collator's keys for images other than the first)
+    ids = [src or f"{e.where} image {k}" for k, src in enumerate(sources)]
+    rec = {"task": "chat", "messages": e.messages, "images": images, "image": images[0], "prompt": "", "target": "",
+           "image_source": ids[0], "image_ids": ids}
     if e.image_id is not None:
         rec["image_id"] = e.image_id
-    if images:  # the conversation's images, known by the first one's file (or by where the record is)
-        rec["image_source"] = sources[0] if len(images) == 1 and sources[0] else (
-            "|".join(s or f"{e.where} image {k}" for k, s in enumerate(sources)))
     return rec
 
 
