@@ -61,6 +61,18 @@ def is_loopback_name(name: str) -> bool:
         return False
 
 
+def _same_origin(origin: str, host: str, scheme: str) -> bool:
+    """Whether a page's Origin (scheme://name[:port]) is this server as the request's Host names it."""
+    parts = urlsplit(origin)
+    try:
+        origin_port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # a port that is not a number
+        return False
+    name, port = split_host(host)
+    own_port = port or (443 if scheme in ("https", "wss") else 80)
+    return parts.scheme in ("http", "https") and bool(name) and name == parts.hostname and own_port == origin_port
+
+
 class HostOriginGuard:
     """400 for a Host outside `allowed_hosts` (None: any; "loopback": loopback names), 403 for a request
     from another origin than the server's own unless it is in `allowed_origins` ("*": any)."""
@@ -91,15 +103,7 @@ class HostOriginGuard:
             return None
         if "*" in self.origins or origin.rstrip("/").lower() in self.origins:
             return None
-        host = headers.get(b"host", b"").decode("latin-1")
-        default_port = 443 if scope.get("scheme") in ("https", "wss") else 80
-        parts = urlsplit(origin)
-        try:
-            same = parts.scheme in ("http", "https") and host and split_host(host)[0] == (parts.hostname or "") \
-                and (split_host(host)[1] or default_port) == (parts.port or (443 if parts.scheme == "https" else 80))
-        except ValueError:
-            same = False
-        if same:
+        if _same_origin(origin, headers.get(b"host", b"").decode("latin-1"), scope.get("scheme", "http")):
             return None
         return (f"cross-origin request from {origin!r} refused: start the server with --allow-origin {origin} "
                 "to let that page call it")
