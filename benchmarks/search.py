@@ -218,6 +218,7 @@ def search_targets(s: Size = SMALL, sizes=QUERY_SIZES, approx_max: int = APPROX_
                      f"flat p50 {r['flat_p50_ms']:.2f} ms, p99 {r['flat_p99_ms']:.2f} ms", note))
         targets.append(target(f"search_{label}_flat_p50_ms", r["flat_p50_ms"], None, r["flat_p50_ms"],
                               100.0, "ms", higher=False))
+        targets[-1]["p99_ms"] = round(r["flat_p99_ms"], 3)
     return targets, rows
 
 
