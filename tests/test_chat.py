@@ -277,3 +277,24 @@ def test_length_buckets_give_the_loss_and_gradients_of_one_padded_pass(monkeypat
     assert grads_b.keys() == grads_1.keys()
     for name in grads_1:
         torch.testing.assert_close(grads_b[name], grads_1[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_evaluating_conversations_scores_each_turn_as_chat_answers_it():
+    from train.evaluate import evaluate
+
+    model, proc = _model("cross", seed=4)
+    ds = ShapesDataset("test", size=4, task_mix={"caption": 0, "vqa": 1, "chat": 1, "two_image": 1}, grouped=True)
+    records = [r for i in range(4) for r in ds[i]]
+    result = evaluate(model, proc, records, tasks="chat", batch_size=3)
+    vl = VisionLanguagePipeline(model, proc, device="cpu")
+    hits, n = 0, 0
+    for r in (r for r in records if r["task"] == "chat"):
+        msgs = r["messages"]
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant":
+                got = vl.chat(msgs[:i], images=r["images"], max_new_tokens=8)
+                hits += got == m["content"][0]["text"]
+                n += 1
+    assert result.metrics["chat_questions"] == n
+    assert result.metrics["chat_accuracy"] == pytest.approx(hits / n)
+    assert "chat_two_image_accuracy" in result.metrics and "vqa_accuracy" not in result.metrics

@@ -21,7 +21,7 @@ from train.data.bad import BadDataCounter, split_bad
 from train.data.records import image_key
 from train.metrics import CAPTION_METRICS, OFFICIAL_ANSWERS, caption_metrics, retrieval_metrics, vqa_score
 
-TASKS = ("caption", "vqa", "retrieval")
+TASKS = ("caption", "vqa", "retrieval", "chat")  # chat: every assistant turn of the conversations (chat_eval)
 
 
 @dataclass
@@ -95,7 +95,8 @@ def group_records(records: Iterable, max_images: int | None = None) -> tuple[lis
     return groups, bad.total
 
 
-def read_groups(records: Iterable, max_images: int | None = None) -> tuple[list[ImageGroup], BadDataCounter, int]:
+def read_groups(records: Iterable, max_images: int | None = None
+                ) -> tuple[list[ImageGroup], BadDataCounter, list[dict]]:
     """-> (images in first-seen order, the bad records skipped, counted by reason and named, the number of
     conversation records left out).
 
@@ -105,14 +106,14 @@ def read_groups(records: Iterable, max_images: int | None = None) -> tuple[list[
     """
     groups: dict[Any, ImageGroup] = {}
     counter = BadDataCounter(keep=NAMED_BAD)
-    chats = 0  # conversation records seen (not scored)
+    chats: list[dict] = []  # conversation records (scored by train.chat_eval)
     index = 0
     for item in _items(records):
         good, bad = split_bad([item])
         counter.add(bad)
         for rec in good:
             if rec.get("task") == "chat":
-                chats += 1
+                chats.append(rec)
                 continue
             key = image_key(rec)
             group = groups.get(key)
@@ -257,10 +258,16 @@ def evaluate(
             sim = dist_eval.embed(model, processor, [g.image for g in captioned], texts, batch_size)  # (N_img, N_txt)
             # text_keys: identical captions of different images are equally right answers.
             metrics.update(retrieval_metrics(sim, text_to_image=owner, text_keys=texts, ks=(1, 5, 10)))
+        if "chat" in tasks and chats:
+            from train.chat_eval import evaluate_chat
+
+            chat_metrics, chat_examples = evaluate_chat(model, processor, chats, batch_size)
+            metrics.update(chat_metrics)
+            examples += chat_examples
     finally:
         model.train(was_training)
     metrics["num_images"] = len(groups)
     metrics["num_questions"] = len(questions)
     metrics["bad_records"] = bad.total
     return EvalResult(metrics=metrics, examples=examples, bad=bad, vqa_rules=vqa_rules,
-                      conversations=chats)
+                      conversations=0 if "chat" in tasks else len(chats))

@@ -12,7 +12,7 @@ import sys
 
 from mmgpt.commands.use import quiet
 
-TASK_CHOICES = ("caption", "vqa", "retrieval", "all", "classify")  # classify: train/classify_eval.py, shapes only
+TASK_CHOICES = ("caption", "vqa", "retrieval", "chat", "all", "classify")  # classify: train/classify_eval.py, shapes only
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +64,7 @@ def run(args) -> int:
     except (AssertionError, RuntimeError, ValueError) as err:
         raise UserError(f"{args.model}: {err}") from None
 
-    tasks = ("caption", "vqa", "retrieval") if args.task == "all" else (args.task,)
+    tasks = ("caption", "vqa", "retrieval", "chat") if args.task == "all" else (args.task,)
     scorers = tuple(m for m in CAPTION_METRICS if not (args.no_meteor and m == "meteor"))
     with warnings.catch_warnings(record=True) as got:
         warnings.simplefilter("always", MetricsWarning)
@@ -84,7 +84,7 @@ def run(args) -> int:
     m = result.metrics
     if result.conversations:
         print(f"mmgpt eval: note: {result.conversations} conversation records (task chat) are not scored by "
-              "--task caption/vqa/retrieval", file=sys.stderr)
+              "--task caption/vqa/retrieval (--task chat or all scores them)", file=sys.stderr)
     if m["num_images"] == 0:
         print_bad(result.bad)
         named = ", named above" if m["bad_records"] else ""
