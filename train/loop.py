@@ -27,6 +27,7 @@ from train.checkpoint import (
     unreadable_file,
     unreadable_random_states,
     write_folder_atomically,
+    writes_files,
 )
 from train.collate import MODEL_KEYS, Collator
 from train.config import ConfigError, TrainConfig, to_dict, usable_trackers
@@ -116,6 +117,15 @@ def build_model_for(cfg: TrainConfig, train_set):
     from mmgpt.config import MMGPTConfig
 
     if cfg.model.path:
+        from pathlib import Path
+
+        from mmgpt.api import ModelLoadError, check_model_folder
+
+        if Path(cfg.model.path).is_dir():  # what the folder lacks or holds wrong, in one line
+            try:
+                check_model_folder(Path(cfg.model.path), f"model.path {cfg.model.path!r}")
+            except ModelLoadError as err:
+                raise ConfigError(str(err)) from None
         try:
             model = MMGPTModel.from_pretrained(cfg.model.path, attn_implementation=cfg.model.attn_implementation)
             processor = MMGPTProcessor.from_pretrained(cfg.model.path)
@@ -217,7 +227,9 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> dict:
             mixed_precision=_precision(cfg),
             gradient_accumulation_steps=cfg.grad_accum,
             log_with=usable_trackers(cfg.trackers) or None,  # one not installed: warned at the config check
-            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+            # save_on_each_node: machines without a shared file system each write checkpoints and the model
+            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"),
+                                                save_on_each_node=cfg.save_on_each_node),
             # dispatch_batches=False: every process reads a streamed source itself and Accelerate keeps
             # its share of each batch (dispatching read every batch on process 0 and sent it out)
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, dispatch_batches=False),
@@ -229,7 +241,7 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> dict:
             "shards them across processes; use optim.name=adamw with that launch (or DDP: "
             "configs/accelerate/ddp.yaml)")
     set_seed(cfg.seed, deterministic=cfg.deterministic)
-    main = accelerator.is_main_process
+    main = writes_files(accelerator)  # the main process (with save_on_each_node: each machine's first)
     metrics_path = out / "metrics.jsonl"
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -626,7 +638,7 @@ def _evaluate(accelerator, model, processor, cfg, step, metrics_path) -> dict:
     result = evaluate(model, processor, records, device=accelerator.device, caption_scorers=("bleu", "cider"))
     if was_training:
         model.train()
-    if accelerator.is_main_process:
+    if writes_files(accelerator):
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
         _log(metrics_path, {"step": step, "eval": metrics, "validation_records": n})
         accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
@@ -664,7 +676,7 @@ def _keep_best(accelerator, model, processor, cfg, metrics, best, out: Path, ste
         return best
     value = metrics[cfg.best_metric]
     if best is None or value > best:
-        if accelerator.is_main_process:
+        if writes_files(accelerator):
 
             def write(folder: Path) -> None:
                 export_model(model, processor, folder, cfg.lora.enabled)
