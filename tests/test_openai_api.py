@@ -458,3 +458,13 @@ def test_the_stop_scanner_sends_what_cut_at_stop_keeps_however_the_answer_is_spl
         if not found:
             sent += scanner.held
         assert (sent, found) == cut_at_stop(text, stops), (text, stops, pieces)
+
+
+def test_null_fields_read_as_left_out():  # `stop: null` was a 500 (found by make fuzz)
+    from mmgpt.serve.openai_schemas import ChatRequest
+
+    nulls = {k: None for k in ("model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream_options",
+                               "frequency_penalty", "presence_penalty", "logprobs", "user", "metadata", "store")}
+    req = ChatRequest.model_validate({"messages": CONVERSATIONS[0], **nulls})
+    assert req.stop is None and req.n is None
+    assert ChatRequest.model_validate({"messages": CONVERSATIONS[0], "stop": "x"}).stop == ["x"]

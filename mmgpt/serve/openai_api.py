@@ -42,6 +42,7 @@ from mmgpt.serve.openai_schemas import (
     OpenAIError,
     StopScanner,
     cut_at_stop,
+    error_responses,
     generation,
     image_blob,
 )
@@ -242,18 +243,22 @@ def openai_router(app: FastAPI, name: str, streams: list, default_tokens: int) -
         except ValueError as err:  # the model or the conversation reader refused this input
             raise OpenAIError(400, str(err), "messages") from None
 
-    @router.get("/models")
+    @router.get("/models", responses=error_responses(401))
     async def models() -> dict:
         return {"object": "list", "data": [card()]}
 
-    @router.get("/models/{model_id:path}")
+    @router.get("/models/{model_id:path}", responses=error_responses(401, 404))
     async def model(model_id: str) -> dict:
         if model_id != name:
             raise OpenAIError(404, f"the model {model_id!r} is not served here; this server serves {name!r}",
                               "model", "model_not_found")
         return card()
 
-    @router.post("/chat/completions", openapi_extra=_json_body(ChatRequest))
+    @router.post("/chat/completions", openapi_extra=_json_body(ChatRequest), responses={
+        **error_responses(400, 401, 413, 504),
+        200: {"content": {"application/json": {}, "text/event-stream": {}},
+              "description": "a chat.completion, or with `stream` server-sent chat.completion.chunk events and "
+                             "`data: [DONE]`"}})
     async def chat_completions(request: Request):
         """OpenAI's chat completions: a whole answer (JSON) or, with `stream`, server-sent chunks."""
         deadline = time.monotonic() + timeout_s  # one limit for the whole request, queueing included
@@ -348,7 +353,8 @@ def openai_router(app: FastAPI, name: str, streams: list, default_tokens: int) -
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
-    @router.post("/embeddings", openapi_extra=_json_body(EmbeddingRequest))
+    @router.post("/embeddings", openapi_extra=_json_body(EmbeddingRequest),
+                 responses=error_responses(400, 401, 413, 504))
     async def embeddings(request: Request) -> dict:
         """OpenAI's embeddings: texts (and, an mmgpt extension, data-URL images) -> L2-normed vectors in one
         space, so text-image cosine similarities are dot products."""

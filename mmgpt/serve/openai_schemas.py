@@ -42,6 +42,40 @@ class OpenAIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape."""
+
+    error: ErrorDetail
+
+
+ERRORS = {
+    400: "a field, an image (not an image, a URL, a path) or a conversation the model cannot take; `param` "
+         "names it. Also (`{detail}`) a Host header this server does not answer to",
+    401: "no API key, or another one than the server's (`mmgpt serve --api-key`)",
+    404: "another model than the one served",
+    413: "the body, an image or the request's images in all are over the limits (GET /health: config)",
+    504: "no answer within the request time limit",
+}
+
+
+def error_responses(*codes: int) -> dict:
+    """The OpenAPI `responses` of the errors an OpenAI route answers with (403 and 422 in the server's own
+    `{detail}` shape: another origin, JSON nested too deep)."""
+    out: dict = {code: {"model": ErrorBody, "description": ERRORS[code]} for code in codes}
+    for code in {413, 404} & set(out):  # the body limit and the router (a path it cannot match) answer too,
+        out[code] = {"description": ERRORS[code]}  # before any route, in the server's own `{detail}` shape
+    out[403] = {"model": schemas.ErrorResponse, "description": "a request from another origin (--allow-origin)"}
+    out[422] = {"model": schemas.ErrorResponse, "description": "JSON nested deeper than the server reads"}
+    return out
+
+
 # --- request bodies ----------------------------------------------------------------------------------
 
 
@@ -105,8 +139,8 @@ class ChatRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: Int | None = Field(None, description="best effort: concurrent streams share torch's generator")
-    stop: Annotated[list[Annotated[str, Field(min_length=1)]] | None,
-                    BeforeValidator(_stops), Field(max_length=MAX_STOPS)] = None
+    stop: Annotated[Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOPS)] | None,
+                    BeforeValidator(_stops)] = None
     n: Annotated[Int, BeforeValidator(_one)] | None = Field(None, description="1 only: one answer per request")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
