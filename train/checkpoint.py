@@ -122,21 +122,30 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def writes_files(accelerator) -> bool:
+    """Whether this process writes the run's files: the main process, or with Accelerate's
+    ``save_on_each_node`` (machines without a shared file system) the first process of each machine."""
+    if getattr(accelerator.project_configuration, "save_on_each_node", False):
+        return accelerator.is_local_main_process
+    return accelerator.is_main_process
+
+
 def save_checkpoint(accelerator, ckpt_dir: Path, step: int, state: dict, keep: int = 2) -> Path:
     """Write into a temporary folder, fsync it, then rename: a kill mid-write leaves no half checkpoint.
     DiskFull (the temporary folder removed) when the disk fills up."""
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"step-{step}"
     tmp = ckpt_dir / f".tmp-step-{step}"
+    writer = writes_files(accelerator)  # with save_on_each_node: one process per machine
     try:
-        if accelerator.is_main_process:
+        if writer:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if writer:
             (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
             fsync_tree(tmp)  # the weights and optimizer too, not only trainer_state.json
             if final.exists():
@@ -151,7 +160,7 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, state: dict, keep: i
         then = f"continue with resume=latest (from {last.name})" if last else "run again"
         raise DiskFull(disk_full_message(err, tmp, f"checkpoint of step {step} not written (its partial folder was "
                                                    f"removed); free some space, then {then}")) from None
-    if accelerator.is_main_process:
+    if writer:
         for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         for stale in ckpt_dir.glob(".tmp-step-*"):

@@ -113,6 +113,9 @@ class TrainConfig:
     eval_every: int = 0  # steps; 0 = only at the end
     checkpoint_every: int = 0  # steps; 0 = no periodic checkpoints
     keep_checkpoints: int = 2
+    # machines without a shared file system: each machine's first process writes OUT (checkpoints, the model,
+    # metrics.jsonl) on its own disk; resume=latest then reads each machine's own copy
+    save_on_each_node: bool = False
     best_metric: str | None = None  # e.g. "caption_exact_match": keep OUT/best
     output_dir: str = "runs/train"
     seed: int = 0

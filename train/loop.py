@@ -235,11 +235,14 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> dict:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, dispatch_batches=False),
             step_scheduler_with_optimizer=False,
         )
-    if cfg.optim.name == "muon" and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+    # Muon gathers each sharded matrix whole (FSDP2's DTensors, train/optim.py); FSDP1's flat parameters and
+    # DeepSpeed's partitions hide the matrices from it
+    fsdp2 = accelerator.distributed_type.value == "FSDP" and getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2
+    if cfg.optim.name == "muon" and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED") and not fsdp2:
         raise TrainingError(
             f"optim.name: muon orthogonalizes whole weight matrices, but {accelerator.distributed_type.value} "
-            "shards them across processes; use optim.name=adamw with that launch (or DDP: "
-            "configs/accelerate/ddp.yaml)")
+            "(other than FSDP2) shards them into flat partitions; use optim.name=adamw with that launch, FSDP2 "
+            "(fsdp_version: 2, configs/accelerate/fsdp.yaml) or DDP (configs/accelerate/ddp.yaml)")
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     main = writes_files(accelerator)  # the main process (with save_on_each_node: each machine's first)
     metrics_path = out / "metrics.jsonl"
@@ -347,6 +350,8 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> dict:
     bad_stop = None  # the DataError that stopped the run early (one process: the model is still saved)
 
     unwrapped = accelerator.unwrap_model(model)
+    if cfg.save_on_each_node:  # transformers' save_pretrained writes on global rank 0 only: here on each machine's first
+        unwrapped.should_save_on_this_rank = lambda is_main_process: is_main_process
     if not streamed and len(dl) == 0:
         raise TrainingError(f"the training data gives no full batch of {cfg.batch_size}: use a smaller batch_size")
     bar = None

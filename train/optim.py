@@ -7,11 +7,19 @@ AdamW's per-entry update lets a few large directions dominate. The update is sca
 0.2 * sqrt(max(rows, cols)) so that its RMS matches AdamW's and the same learning rate and weight decay
 carry over. Embeddings, the tied LM head, the first convolution (3 input channels), norms, biases and
 scalars stay with AdamW, as in the reference recipes.
+
+Sharded parameters (FSDP2's DTensors, e.g. from torch's ``fully_shard``): the momentum stays sharded,
+each matrix's Nesterov gradient is gathered whole (``full_tensor``), orthogonalized on every process
+(the same result everywhere), and each process adds its own shard of the update
+(``distribute_tensor`` with ``src_data_rank=None`` slices locally, no communication). The step then
+equals the single-process one; the cost is one all-gather per matrix and the orthogonalization done
+on every process (distributing whole matrices over the processes would share that work out).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -66,7 +74,10 @@ class MuonAdamW(torch.optim.Optimizer):
                         buf = state["momentum_buffer"] = torch.zeros_like(g)
                     mu = group["momentum"]
                     buf.lerp_(g, 1 - mu)
-                    nesterov = g.lerp(buf, mu).reshape(g.shape[0], -1)
+                    nesterov = g.lerp(buf, mu)
+                    if isinstance(nesterov, DTensor):  # a shard (FSDP2): orthogonalize the whole matrix
+                        nesterov = nesterov.full_tensor()
+                    nesterov = nesterov.reshape(nesterov.shape[0], -1)
                     stacks.setdefault((tuple(nesterov.shape), group["ns_steps"]), []).append((p, nesterov, lr, wd))
                     continue
                 if wd:
@@ -88,5 +99,8 @@ class MuonAdamW(torch.optim.Optimizer):
             for (p, _, lr, wd), update in zip(items, updates):
                 if wd:
                     p.mul_(1 - lr * wd)
-                p.add_(update.view_as(p), alpha=-lr * scale)
+                update = update.view(p.shape)  # (global shape)
+                if isinstance(p, DTensor):  # this process's shard of the whole update
+                    update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
+                p.add_(update, alpha=-lr * scale)
         return loss
