@@ -266,3 +266,30 @@ def test_muon_on_fully_sharded_parameters_equals_single_process_muon(tmp_path):
         assert not torch.equal(value, start[key]), key  # every parameter moved
         assert torch.allclose(two["params"][key], value, atol=2e-6, rtol=1e-5), (key, (two["params"][key] - value).abs().max())
 
+
+# --- base size --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_base_preset_trains_on_the_cpu_with_activation_checkpointing(tmp_path):
+    """configs/model/base.json with random weights (no hub): ViT-B/16 + a 12-layer GPT-2, two steps."""
+    import json
+
+    from mmgpt import MMGPTModel
+    from train.main import main
+
+    out = tmp_path / "run"
+    (tmp_path / "base.yaml").write_text("model: {preset: base}\n")
+    assert main([str(tmp_path / "base.yaml"), f"output_dir={out}", "activation_checkpointing=true",
+                 "model.overrides={vision_pretrained: null, text_pretrained: null}", "model.tokenizer_texts=200",
+                 "data.train=shapes:train:8", "data.validation=null", "data.num_workers=0", "batch_size=2",
+                 "max_steps=2", "log_every=1", "progress=false", "optim.warmup_steps=0", "max_minutes=null",
+                 "precision=no"]) == 0
+    logs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs] == [1, 2] and all(r["loss"] == r["loss"] < 100 for r in logs)
+    model = MMGPTModel.from_pretrained(out / "model")
+    parts = {m.config.model_type: m.config for m in model.modules() if hasattr(m, "config") and m is not model}
+    vit, gpt = parts["vit"], parts["gpt2"]
+    assert (vit.hidden_size, vit.num_hidden_layers, vit.patch_size, vit.image_size) == (768, 12, 16, 224)
+    assert (gpt.n_embd, gpt.n_layer, gpt.add_cross_attention) == (768, 12, True)
+    assert model.config.text_pretrained is None and model.config.vision_pretrained is None

@@ -15,18 +15,22 @@ one process there.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
 
 
 def world() -> tuple[int, int]:
-    """(this process's index, number of processes); (0, 1) without an initialized process group."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    """(this process's index, number of processes): Accelerate's process group, started here under a
+    launcher that set WORLD_SIZE (e.g. `accelerate launch ... mmgpt eval`); (0, 1) outside one."""
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not initialized and int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return 0, 1
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     return state.process_index, state.num_processes
 
 
