@@ -500,6 +500,10 @@ def main(argv=None) -> int:
     targets += search_t
     rows += search_rows
 
+    from benchmarks.base_train import base_rows  # ViT-B/16 + GPT-2 124M vs VED: samples/s, peak RSS
+
+    rows += base_rows(threads=args.threads)[0]
+
     machine = {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                "matmul_peak_gflops": round(peak, 1), "torch": torch.__version__, "python": platform.python_version(),
                "cpu_count": os.cpu_count()}

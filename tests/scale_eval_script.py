@@ -54,14 +54,15 @@ def main(argv: list[str]) -> None:
 
     ev.generate_texts = counted  # what train.dist_eval calls for this process's share
     state.wait_for_everyone()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = evaluate(model, processor, recs, batch_size=batch_size, caption_scorers=("bleu", "cider"))
     seconds = time.perf_counter() - t0
     shares = gather_object([sum(ran)])
+    cpu = gather_object([time.process_time() - c0])  # each process's CPU seconds (its share of the work)
     if state.is_main_process:
         examples = [{k: v for k, v in e.items() if k != "image"} for e in result.examples]
         torch.save({"metrics": result.metrics, "examples": examples, "seconds": seconds,
-                    "world": state.num_processes, "shares": shares}, out_file)
+                    "world": state.num_processes, "shares": shares, "cpu_seconds": cpu}, out_file)
     state.wait_for_everyone()
 
 
