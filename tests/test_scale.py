@@ -293,3 +293,23 @@ def test_base_preset_trains_on_the_cpu_with_activation_checkpointing(tmp_path):
     assert (vit.hidden_size, vit.num_hidden_layers, vit.patch_size, vit.image_size) == (768, 12, 16, 224)
     assert (gpt.n_embd, gpt.n_layer, gpt.add_cross_attention) == (768, 12, True)
     assert model.config.text_pretrained is None and model.config.vision_pretrained is None
+
+
+def test_muon_is_allowed_under_fsdp2_and_refused_under_fsdp1(tmp_path):
+    import types
+
+    from accelerate.utils import DistributedType
+
+    from train.config import load_config
+    from train.loop import TrainingError, run_training
+
+    cfg = load_config(None, ["optim.name=muon", f"output_dir={tmp_path}"])
+
+    def fake(version):  # an accelerator that only says what launch it is
+        plugin = types.SimpleNamespace(fsdp_version=version)
+        return types.SimpleNamespace(distributed_type=DistributedType.FSDP, state=types.SimpleNamespace(fsdp_plugin=plugin))
+
+    with pytest.raises(TrainingError, match="FSDP shards them into flat partitions"):
+        run_training(cfg, accelerator=fake(1))
+    with pytest.raises(AttributeError, match="project_configuration"):  # past the check: the fake has no more
+        run_training(cfg, accelerator=fake(2))

@@ -237,11 +237,12 @@ def _run_training(cfg: TrainConfig, accelerator=None) -> dict:
         )
     # Muon gathers each sharded matrix whole (FSDP2's DTensors, train/optim.py); FSDP1's flat parameters and
     # DeepSpeed's partitions hide the matrices from it
-    fsdp2 = accelerator.distributed_type.value == "FSDP" and getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2
+    plugin = getattr(getattr(accelerator, "state", None), "fsdp_plugin", None)
+    fsdp2 = accelerator.distributed_type.value == "FSDP" and getattr(plugin, "fsdp_version", 1) == 2
     if cfg.optim.name == "muon" and accelerator.distributed_type.value in ("FSDP", "DEEPSPEED") and not fsdp2:
         raise TrainingError(
             f"optim.name: muon orthogonalizes whole weight matrices, but {accelerator.distributed_type.value} "
-            "(other than FSDP2) shards them into flat partitions; use optim.name=adamw with that launch, FSDP2 "
+            "shards them into flat partitions (FSDP1, DeepSpeed); use optim.name=adamw with that launch, FSDP2 "
             "(fsdp_version: 2, configs/accelerate/fsdp.yaml) or DDP (configs/accelerate/ddp.yaml)")
     set_seed(cfg.seed, deterministic=cfg.deterministic)
     main = writes_files(accelerator)  # the main process (with save_on_each_node: each machine's first)
