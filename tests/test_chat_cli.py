@@ -195,8 +195,10 @@ def test_piped_mistakes_are_one_line_and_exit_2(capsys, monkeypatch, model_dir, 
     assert rc == 2 and err == "mmgpt chat: error: --temperature must be >= 0, got -1.0\n"
 
 
-CONTROLLING_TTY = ("import fcntl, os, sys, termios; os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
-                   "os.execv(sys.argv[1], sys.argv[1:])")
+# SIGINT back to its default first: an ignored signal stays ignored through exec, and a test earlier in the same
+# pytest process may have left it ignored (then Python installs no KeyboardInterrupt handler and Ctrl-C is lost)
+CONTROLLING_TTY = ("import fcntl, os, signal, sys, termios; signal.signal(signal.SIGINT, signal.SIG_DFL); os.setsid(); "
+                   "fcntl.ioctl(0, termios.TIOCSCTTY, 0); os.execv(sys.argv[1], sys.argv[1:])")
 
 
 class Terminal:
