@@ -51,10 +51,9 @@ def evaluate_on_shapes_test(model_dir: str | Path, test_images: int = 300, devic
     """The demo's evaluation: the model in `model_dir` on the first `test_images` shapes test images
     (captions, every question, retrieval). Returns (the model, `train.evaluate.EvalResult`)."""
     from mmgpt import MMGPTModel, MMGPTProcessor
+    from train.chat_eval import evaluate_chat
     from train.data import ShapesDataset
     from train.evaluate import evaluate
-
-    from train.chat_eval import evaluate_chat
 
     model = MMGPTModel.from_pretrained(model_dir).eval()
     processor = MMGPTProcessor.from_pretrained(model_dir)
@@ -70,9 +69,8 @@ def evaluate_on_shapes_test(model_dir: str | Path, test_images: int = 300, devic
 
 
 def run_demo(out_dir: str | Path, overrides: list[str] | None = None, test_images: int = 300) -> dict:
-    from train.config import load_config
     from mmgpt.model_card import write_model_card
-    from train.config import to_dict
+    from train.config import load_config, to_dict
     from train.loop import run_training
 
     out = Path(out_dir)
