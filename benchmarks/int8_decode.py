@@ -15,12 +15,11 @@ in fp32 and loaded with quantize="int8": the fraction that are identical, and ea
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from benchmarks.decode_kernels import decoder_shapes
+from benchmarks.run import interleaved_medians
 from mmgpt import kernels
 from mmgpt.quantize import quantize_weight
 
@@ -47,17 +46,7 @@ def product_fns(rows: int) -> dict:
 
 def time_products(rows: int, iters: int) -> dict:
     """Median ms of the 37 products per road, interleaved rounds (order rotating)."""
-    fns = product_fns(rows)
-    names = list(fns)
-    for name in names:
-        fns[name]()
-    times = {name: [] for name in names}
-    for r in range(iters):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            t = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t)
-    return {name: 1e3 * statistics.median(v) for name, v in times.items()}
+    return {name: 1e3 * t for name, t in interleaved_medians(product_fns(rows), iters, warmup=1).items()}
 
 
 def agreement(model_dir: str, images: int = 300, batch: int = 50) -> dict:
