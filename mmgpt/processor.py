@@ -308,7 +308,9 @@ class MMGPTProcessor:
         if not tokenize:
             texts = [self.render_chat(m, add_generation_prompt) for m, _ in normed]
             return texts if batched else texts[0]
-        enc = [self.encode_conversation(m, add_generation_prompt) for m, _ in normed]
+        # a generation prompt is never cut (its end is the question): generate() says when it does not fit
+        limit = (1 << 30) if add_generation_prompt else None
+        enc = [self.encode_conversation(m, add_generation_prompt, max_length=limit) for m, _ in normed]
         if not return_dict and return_tensors is None:
             ids = [e[0] for e in enc]
             return ids if batched else ids[0]
