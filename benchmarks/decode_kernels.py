@@ -19,8 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mmgpt import kernels
-from mmgpt.fastgen import _linear, _packed_linear, _split_linear
+from mmgpt.speed import kernels
+from mmgpt.speed.decode import _linear, _packed_linear, _split_linear
 
 D, LAYERS, VOCAB = 384, 6, 8000
 
@@ -55,7 +55,7 @@ KERNELS = {
     "embedding_bag (fbgemm)": _embedding_bag,
 }
 if kernels.available():  # fastgen's product where it builds
-    KERNELS["mmgpt.kernels.rows_linear (AVX2 panels)"] = kernels.rows_linear
+    KERNELS["mmgpt.speed.kernels.rows_linear (AVX2 panels)"] = kernels.rows_linear
 
 
 def measure(iters: int) -> tuple[dict, int]:

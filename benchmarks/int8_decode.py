@@ -4,8 +4,8 @@
     python -m benchmarks.int8_decode --model runs/demo/model [--images 300]  # + caption agreement
 
 Products: the 37 one-token products of `make bench`'s small decoder (benchmarks.decode_kernels), at 1 and
-16 rows, medians of interleaved rounds: fp32 through mmgpt.kernels.rows_linear, int8 through
-mmgpt.kernels.rows_linear_int8 (fp32 activations, the road mmgpt takes), and torch's
+16 rows, medians of interleaved rounds: fp32 through mmgpt.speed.kernels.rows_linear, int8 through
+mmgpt.speed.kernels.rows_linear_int8 (fp32 activations, the road mmgpt takes), and torch's
 `aten._weight_int8pack_mm` with fp32 and with bf16 activations (the other road), plus MKL's addmm.
 
 Agreement (`--model`, e.g. what `make demo` wrote): greedy captions of the shapes test images by the model
@@ -20,8 +20,8 @@ import torch
 
 from benchmarks.decode_kernels import decoder_shapes
 from benchmarks.run import interleaved_medians
-from mmgpt import kernels
-from mmgpt.quantize import quantize_weight
+from mmgpt.speed import kernels
+from mmgpt.speed.quantize import quantize_weight
 
 
 def product_fns(rows: int) -> dict:
@@ -31,8 +31,8 @@ def product_fns(rows: int) -> dict:
     quant = [(quantize_weight(w, dim=0), b) for w, b in weights]  # ((in, out) int8, (out,)), bias
     fns = {"addmm fp32 (MKL)": [(lambda x, w=w, b=b: torch.addmm(b, x, w), xs[w.shape[0]]) for w, b in weights]}
     if kernels.available():
-        fns["mmgpt.kernels fp32"] = [(kernels.rows_linear(w, b), xs[w.shape[0]]) for w, b in weights]
-        fns["mmgpt.kernels int8 (fp32 activations)"] = [(kernels.rows_linear_int8(q, s, b), xs[q.shape[0]])
+        fns["mmgpt.speed.kernels fp32"] = [(kernels.rows_linear(w, b), xs[w.shape[0]]) for w, b in weights]
+        fns["mmgpt.speed.kernels int8 (fp32 activations)"] = [(kernels.rows_linear_int8(q, s, b), xs[q.shape[0]])
                                                         for (q, s), b in quant]
     packed = [(q.t().contiguous(), s, b) for (q, s), b in quant]  # (out, in) int8, as _weight_int8pack_mm takes
     mm = torch.ops.aten._weight_int8pack_mm

@@ -41,8 +41,8 @@ def onnx_rows(iters: int = 5, threads: int = 2) -> list[tuple]:
                                   min_new_tokens=NEW_TOKENS, do_sample=False)
 
         fns = {"onnxruntime": ort, "mmgpt fp32": torch_fp32}
-        try:  # mmgpt's int8 decoder (mmgpt.quantize), where this tree has it
-            from mmgpt.quantize import quantize_model
+        try:  # mmgpt's int8 decoder (mmgpt.speed.quantize), where this tree has it
+            from mmgpt.speed.quantize import quantize_model
 
             torch.manual_seed(0)
             q = quantize_model(build_mmgpt(SMALL).eval(), "int8")  # the same weights, then int8

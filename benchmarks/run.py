@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from encoders.threads import cores_free
+from mmgpt.speed.threads import cores_free
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -233,7 +233,7 @@ def gen_fn(kind: str, s: Size, batch: int, new_tokens: int = 24):
     g = torch.Generator().manual_seed(1)
     px = torch.randn(batch, 3, s.image, s.image, generator=g)
     if kind in ("mmgpt", "mmgpt-int8"):
-        from mmgpt.quantize import quantize_model
+        from mmgpt.speed.quantize import quantize_model
 
         model = quantize_model(build_mmgpt(s).eval(), "int8" if kind == "mmgpt-int8" else None)
         return lambda: model.generate(pixel_values=px, max_new_tokens=new_tokens, min_new_tokens=new_tokens,

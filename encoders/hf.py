@@ -26,7 +26,6 @@ from transformers import (
 )
 from transformers.utils import cached_file
 
-from . import fastvit
 from .base import EncoderOutput, VisionEncoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -134,17 +133,6 @@ class HFVisionEncoder(VisionEncoder):
     def _mean_pool(self, tokens: Tensor) -> Tensor:
         """(B, N, D) -> (B, D): the mean of the patch tokens (the CLS token, if any, left out)."""
         return tokens[:, int(self.spec.has_cls_token):].mean(dim=1)
-
-    def infer(self, pixel_values: Tensor) -> EncoderOutput:
-        """``forward`` for inference: eval mode without gradients takes the fused ViT forward
-        (:mod:`encoders.fastvit`, same features to float32 rounding) where it applies."""
-        if self.training or torch.is_grad_enabled() or self.backend != "vit" or not fastvit.supports(self.model):
-            return self(pixel_values)
-        if getattr(self, "_fast", None) is None:
-            self._fast = fastvit.FastViT(self.model)
-        tokens = self._fast(pixel_values)  # (B, N, D)
-        pooled = self._mean_pool(tokens) if getattr(self, "pool", None) == "mean" else tokens[:, 0]
-        return EncoderOutput(patch_tokens=tokens, pooled=pooled)
 
     def config_dict(self) -> dict:
         return {

@@ -481,8 +481,8 @@ def load(model_or_path, device=None, dtype=None, *, processor: MMGPTProcessor | 
     """A pipeline from a model folder or hub id, or from a model object (with its processor).
 
     quantize="int8": the decoder's and LM head's weights as int8 with per-output-channel scales, for
-    faster decoding on the CPU (`mmgpt.quantize`; the model's weights are rounded in place)."""
-    from mmgpt.quantize import check_mode, quantize_model
+    faster decoding on the CPU (`mmgpt.speed.quantize`; the model's weights are rounded in place)."""
+    from mmgpt.speed.quantize import check_mode, quantize_model
 
     check_mode(quantize)  # a bad value fails before any loading
     if isinstance(model_or_path, MMGPTModel):

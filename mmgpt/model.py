@@ -25,6 +25,7 @@ from mmgpt import prefix
 from mmgpt.adapter import build_adapter
 from mmgpt.config import MMGPTConfig
 from mmgpt.losses import contrastive_loss, linear_cross_entropy
+from mmgpt.speed import vit
 
 
 @dataclass
@@ -254,10 +255,8 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
         -> adapter. `fast`: the encoder's inference forward where it has one (eval, no gradients)."""
         if vision_outputs is not None:
             out = vision_outputs
-        elif fast and hasattr(self.vision, "infer"):
-            out = self.vision.infer(pixel_values)
         else:
-            out = self.vision(pixel_values)
+            out = vit.infer(self.vision, pixel_values) if fast else self.vision(pixel_values)
         # out.patch_tokens (B, N, Dv), out.pooled (B, Dv)
         return ImageFeatures(tokens=self.adapter(out.patch_tokens), pooled=out.pooled)
 
@@ -686,9 +685,9 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
                 kwargs["min_new_tokens"] = room
 
     def _can_use_fast_path(self, kwargs: dict) -> bool:
-        """Greedy search or temperature / top-k / top-p sampling with a cache: our own loop (mmgpt.fastgen)
+        """Greedy search or temperature / top-k / top-p sampling with a cache: our own loop (mmgpt.speed.decode)
         gives the same tokens faster."""
-        from mmgpt.fastgen import FAST_OPTIONS, can_sample
+        from mmgpt.speed.decode import FAST_OPTIONS, can_sample
 
         if self.uses_prefix:  # the fast loop reads GPT-2's cross-attention blocks
             return False
@@ -754,7 +753,7 @@ class MMGPTModel(MMGPTPreTrainedModel, GenerationMixin):
                   and bool((input_ids == self.config.image_token_id).any()))
         self._fit_positions(attention_mask, 0 if inline else encoder_hidden_states.shape[1], kwargs)
         if memory_mask is None and not inline and kwargs.get("cache") is None and self._can_use_fast_path(kwargs):
-            from mmgpt.fastgen import greedy_generate, sampling_warpers
+            from mmgpt.speed.decode import greedy_generate, sampling_warpers
 
             gc = self.generation_config
             eos = kwargs.get("eos_token_id", gc.eos_token_id)

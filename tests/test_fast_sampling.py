@@ -1,4 +1,4 @@
-"""Sampling on the fast decoding path (mmgpt.fastgen) against GenerationMixin and its logits processors."""
+"""Sampling on the fast decoding path (mmgpt.speed.decode) against GenerationMixin and its logits processors."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from test_model import left_padded_prompts, make_model
 from transformers import GenerationConfig
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from mmgpt import fastgen
+from mmgpt.speed import decode as fastgen
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Weight-only int8 decoding: mmgpt.quantize, mmgpt.kernels.rows_linear_int8 against float64 products, and
+"""Weight-only int8 decoding: mmgpt.speed.quantize, mmgpt.speed.kernels.rows_linear_int8 against float64 products, and
 int8 generation against fp32 generation on a tiny trained model."""
 
 import copy
@@ -8,8 +8,9 @@ import torch
 from test_kernels import needs_kernel
 from test_model import make_model
 
-from mmgpt import fastgen, kernels
-from mmgpt.quantize import ATTR, check_mode, quantize_model, quantize_weight
+from mmgpt.speed import decode as fastgen
+from mmgpt.speed import kernels
+from mmgpt.speed.quantize import ATTR, check_mode, quantize_model, quantize_weight
 
 
 def test_quantize_weight_by_hand():

@@ -1,4 +1,4 @@
-"""mmgpt.kernels.rows_linear against float64 products, and greedy decoding with it against torch's kernels."""
+"""mmgpt.speed.kernels.rows_linear against float64 products, and greedy decoding with it against torch's kernels."""
 
 import logging
 import os
@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from mmgpt import kernels
+from mmgpt.speed import kernels
 
 CAN_BUILD = (platform.system() == "Linux" and platform.machine() == "x86_64"
              and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -108,10 +108,10 @@ def test_a_corrupt_library_in_the_cache_is_rebuilt(fresh_state):
 def test_without_a_compiler_decoding_falls_back_with_one_log_line(fresh_state, monkeypatch, caplog):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     monkeypatch.setenv("PATH", os.devnull)  # no cc or gcc either
-    with caplog.at_level(logging.INFO, logger="mmgpt.kernels"):
+    with caplog.at_level(logging.INFO, logger="mmgpt.speed.kernels"):
         assert not kernels.available()
         assert not kernels.available()
-    lines = [r.getMessage() for r in caplog.records if r.name == "mmgpt.kernels"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "mmgpt.speed.kernels"]
     assert len(lines) <= 1 and all("torch's kernels" in line for line in lines)
     with pytest.raises(RuntimeError, match="available"):
         kernels.rows_linear(torch.zeros(4, 4), None)

@@ -17,13 +17,13 @@ from torch import nn
 from transformers import ViTConfig, ViTModel
 from transformers.activations import NewGELUActivation
 
-import encoders.fastvit
-import mmgpt.fastgen
+import mmgpt.speed.decode
 from encoders import build_encoder
-from encoders.threads import cores_free, one_thread
 from mmgpt import MMGPTConfig, MMGPTModel
-from mmgpt.fastgen import greedy_generate
 from mmgpt.losses import linear_cross_entropy
+from mmgpt.speed import vit
+from mmgpt.speed.decode import greedy_generate
+from mmgpt.speed.threads import cores_free, one_thread
 
 VIT = dict(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
            intermediate_size=96, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -165,8 +165,8 @@ def test_fast_greedy_moves_to_one_thread_when_a_step_slows_down(monkeypatch):
                 cls.t += cls.steps.pop(0)
             return cls.t
 
-    monkeypatch.setattr(mmgpt.fastgen, "time", Clock)
-    monkeypatch.setattr(mmgpt.fastgen, "cores_free", lambda: True)
+    monkeypatch.setattr(mmgpt.speed.decode, "time", Clock)
+    monkeypatch.setattr(mmgpt.speed.decode, "cores_free", lambda: True)
     slow = model.generate(pixel_values=pixels, fast=False, max_new_tokens=8, min_new_tokens=8)
     with one_thread(False):
         torch.set_num_threads(2)
@@ -255,7 +255,7 @@ VIT_FAST = dict(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=3
 @pytest.mark.parametrize("stem", ["patch", "cnn"])
 def test_fast_vit_forward_matches_hugging_face(monkeypatch, onednn, stem):
     if not onednn:  # the F.linear path that GPUs and other dtypes take
-        monkeypatch.setattr(encoders.fastvit, "_use_onednn", lambda x: False)
+        monkeypatch.setattr(vit, "_use_onednn", lambda x: False)
     torch.manual_seed(0)
     enc = build_encoder("vit", VIT_FAST, stem=stem).eval()
     ref = ViTModel(ViTConfig(**VIT_FAST), add_pooling_layer=False).eval()
@@ -268,29 +268,29 @@ def test_fast_vit_forward_matches_hugging_face(monkeypatch, onednn, stem):
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():
         want = ref(pixel_values=x).last_hidden_state
-        got = enc.infer(x)
+        got = vit.infer(enc, x)
         assert enc._fast is not None  # the fast forward ran
         torch.testing.assert_close(got.patch_tokens, want, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got.pooled, want[:, 0], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(enc.infer(x[:1]).patch_tokens, want[:1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(vit.infer(enc, x[:1]).patch_tokens, want[:1], rtol=1e-4, atol=1e-5)
         # New weights are picked up (the fused / reordered copies are rebuilt).
         ref.layers[1].mlp.fc1.weight.mul_(-2.0)
         ref.layers[2].attention.k_proj.bias.add_(0.5)
         enc.model.load_state_dict(ref.state_dict())
-        torch.testing.assert_close(enc.infer(x).patch_tokens, ref(pixel_values=x).last_hidden_state,
+        torch.testing.assert_close(vit.infer(enc, x).patch_tokens, ref(pixel_values=x).last_hidden_state,
                                    rtol=1e-4, atol=1e-5)
     # With gradients or in training mode, infer is the plain forward.
-    out = enc.infer(x)
+    out = vit.infer(enc, x)
     assert out.patch_tokens.requires_grad
     enc.train()
     with torch.no_grad():
-        assert torch.equal(enc.infer(x).patch_tokens, enc(x).patch_tokens)
+        assert torch.equal(vit.infer(enc, x).patch_tokens, enc(x).patch_tokens)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not built into this torch")
 @pytest.mark.parametrize("gelu", [None, "tanh", "none"])
 def test_fastgen_onednn_linear_matches_addmm_and_gelu(gelu):
-    from mmgpt.fastgen import _packed_linear
+    from mmgpt.speed.decode import _packed_linear
 
     torch.manual_seed(0)
     w, b, x = torch.randn(64, 200), torch.randn(200), torch.randn(5, 64)  # w (in, out) as Conv1D stores it

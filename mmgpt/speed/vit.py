@@ -19,6 +19,29 @@ from torch import Tensor
 from .threads import cores_free, one_thread
 
 
+def encode(encoder, pixel_values: Tensor):
+    """`encoder(pixel_values)` for inference through the fused forward: an `EncoderOutput` with the same
+    features to float32 rounding, or None where it does not apply (training, gradients on, not a ViT
+    encoder of `encoders.hf`); the caller then runs the encoder's own forward. The fused weights are
+    kept on the encoder (`encoder._fast`)."""
+    if encoder.training or torch.is_grad_enabled() or getattr(encoder, "backend", None) != "vit" \
+            or not supports(encoder.model):
+        return None
+    from encoders.base import EncoderOutput
+
+    if getattr(encoder, "_fast", None) is None:
+        encoder._fast = FastViT(encoder.model)
+    tokens = encoder._fast(pixel_values)  # (B, N, D)
+    pooled = encoder._mean_pool(tokens) if getattr(encoder, "pool", None) == "mean" else tokens[:, 0]  # (B, D)
+    return EncoderOutput(patch_tokens=tokens, pooled=pooled)
+
+
+def infer(encoder, pixel_values: Tensor):
+    """The encoder's output for inference: the fused forward where it applies, else `encoder(pixel_values)`."""
+    out = encode(encoder, pixel_values)
+    return encoder(pixel_values) if out is None else out
+
+
 def supports(model) -> bool:
     """A ViTModel this forward reproduces: erf GELU MLP, q/k/v/o projections with biases."""
     cfg = model.config
@@ -72,7 +95,7 @@ class FastViT:
     @torch.no_grad()
     def __call__(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Tensor:
         """pixel_values (B, 3, H, W) -> last_hidden_state (B, N, D), as ViTModel returns it.
-        On a CPU whose other cores are busy, on one thread (encoders.threads)."""
+        On a CPU whose other cores are busy, on one thread (mmgpt.speed.threads)."""
         with one_thread(pixel_values.device.type == "cpu" and not cores_free()):
             return self._forward(pixel_values, interpolate_pos_encoding)
 

@@ -5,7 +5,7 @@
 weights at 5-9 GB/s on the 2-core AVX2 machine this was written on, where memory streams 15-22
 (`python -m benchmarks.decode_kernels`); this kernel reads weights packed in 16-column panels,
 which the hardware prefetchers stream whole. `rows_linear_int8`: the same product on int8 weights with one
-scale per output column (`mmgpt.quantize`), widened to fp32 in registers: a quarter of the bytes.
+scale per output column (`mmgpt.speed.quantize`), widened to fp32 in registers: a quarter of the bytes.
 
 The C file is compiled once per source version with the system's C compiler (`gcc`, else `$CC` or
 `cc`; well under a second, no torch headers) into `$XDG_CACHE_HOME/mmgpt/kernels` (default
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger("mmgpt.kernels")
+log = logging.getLogger("mmgpt.speed.kernels")
 
 SOURCE = Path(__file__).with_name("rows_linear.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
@@ -126,7 +126,7 @@ def _load():
                     continue
                 break
     if fn is None:
-        log.info("mmgpt.kernels: using torch's kernels for decoding (%s)", why)
+        log.info("mmgpt.speed.kernels: using torch's kernels for decoding (%s)", why)
     _state["fn"] = fn
     return fn
 
@@ -155,7 +155,7 @@ def rows_linear(weight: torch.Tensor, bias: torch.Tensor | None):
     when `available()`."""
     fn = _load()
     if fn is None:
-        raise RuntimeError("mmgpt.kernels.rows_linear is not available here; check available() first")
+        raise RuntimeError("mmgpt.speed.kernels.rows_linear is not available here; check available() first")
     k, n = weight.shape
     wp = pack(weight)
     p = wp.shape[0]
@@ -179,13 +179,13 @@ def rows_linear(weight: torch.Tensor, bias: torch.Tensor | None):
 
 def rows_linear_int8(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
     """-> f(x): x (R, in) fp32 on the CPU -> (x @ qweight) * scale + bias, (R, out), for an int8 weight
-    (in, out) with one fp32 scale per output column (`mmgpt.quantize`). The products run in fp32 on
+    (in, out) with one fp32 scale per output column (`mmgpt.speed.quantize`). The products run in fp32 on
     int8 weights widened in registers: a quarter of the bytes of `rows_linear`. Inputs it cannot read
     (as `rows_linear`) go to torch's addmm on the dequantized weight. Call only when `available()`."""
     _load()
     fn = _state.get("fn_i8")
     if fn is None:
-        raise RuntimeError("mmgpt.kernels.rows_linear_int8 is not available here; check available() first")
+        raise RuntimeError("mmgpt.speed.kernels.rows_linear_int8 is not available here; check available() first")
     if qweight.dtype != torch.int8 or scale.shape != (qweight.shape[1],):
         raise ValueError(f"rows_linear_int8 takes an int8 (in, out) weight and (out,) scales, got "
                          f"{qweight.dtype} {tuple(qweight.shape)} and {tuple(scale.shape)}")

@@ -2,7 +2,7 @@
 
 Every linear of the GPT decoder's blocks and the LM head gets int8 weights with one fp32 scale per
 output channel (symmetric, round to nearest: scale = max |w| / 127 over the channel's inputs). The
-greedy and sampling loop (`mmgpt.fastgen`) then runs them through `mmgpt.kernels.rows_linear_int8`:
+greedy and sampling loop (`mmgpt.speed.decode`) then runs them through `mmgpt.speed.kernels.rows_linear_int8`:
 fp32 activations, the int8 weights widened in registers, a quarter of the bytes to read per token.
 
 The model's own float weights are set to the dequantized values (q * scale) in place, so every other
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 MODES = ("int8",)
-ATTR = "mmgpt_quantize"  # set on a quantized model; read by mmgpt.fastgen
+ATTR = "mmgpt_quantize"  # set on a quantized model; read by mmgpt.speed.decode
 
 
 def check_mode(quantize: str | None) -> str | None:

@@ -11,8 +11,8 @@ defaults: top_k 50 unless set) on each step's logits and draws with `torch.multi
 global generator as GenerationMixin does, so `torch.manual_seed(s)` before either gives the same
 tokens (tested).
 
-A model put on int8 weights (`mmgpt.quantize`, `load(..., quantize="int8")`) runs every linear of
-the step through `mmgpt.kernels.rows_linear_int8` where the kernel builds: a quarter of the bytes.
+A model put on int8 weights (`mmgpt.speed.quantize`, `load(..., quantize="int8")`) runs every linear of
+the step through `mmgpt.speed.kernels.rows_linear_int8` where the kernel builds: a quarter of the bytes.
 
 Decoding a few rows is bound by memory bandwidth and by per-op overhead: every step streams all
 decoder weights and the LM head, through about twenty small ops per layer. So:
@@ -26,7 +26,7 @@ decoder weights and the LM head, through about twenty small ops per layer. So:
 - With several rows on a CPU (float32, oneDNN built in), each linear is one oneDNN call on a weight
   reordered once into oneDNN's blocked layout, the MLP's GELU in its epilogue: at 16 rows ~1.5x
   MKL's addmm for the block linears and 3x for the LM head (measured on this 2-core machine).
-- Where `mmgpt.kernels` builds (x86-64 Linux, AVX2, a C compiler; fp32 on the CPU), every linear of
+- Where `mmgpt.speed.kernels` builds (x86-64 Linux, AVX2, a C compiler; fp32 on the CPU), every linear of
   the step, for one row and for several, is its AVX2 kernel on weights packed into 16-column panels
   instead: torch's kernels read the weights at 5-9 GB/s for one row, the kernel ~12 GB/s on one
   thread here (`python -m benchmarks.decode_kernels`); decoding 24 tokens took 1.15-1.2x less time
@@ -38,7 +38,7 @@ decoder weights and the LM head, through about twenty small ops per layer. So:
   spent ~0.5 ms per call there at 16 rows. Decoding 24 tokens for 16 images: 660 -> 534 ms.
 - On a shared machine whose other core is busy, each of a step's ~40 parallel regions waits for
   that core's time slice (a 2-thread step then took 30x longer than a 1-thread one here). A call
-  therefore decodes on one thread when `encoders.threads.cores_free` says the other cores are
+  therefore decodes on one thread when `mmgpt.speed.threads.cores_free` says the other cores are
   busy, and moves to one thread mid-call when a step takes 3x the call's fastest, or 1.5x the
   fastest one-thread step seen at that batch size.
 Everything stays fp32.
@@ -51,8 +51,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from encoders.threads import cores_free, one_thread
-from mmgpt import kernels, quantize
+from mmgpt.speed import kernels, quantize
+from mmgpt.speed.threads import cores_free, one_thread
 
 # Options this path honours; anything else goes to GenerationMixin.
 FAST_OPTIONS = {"max_new_tokens", "min_new_tokens", "do_sample", "num_beams", "use_cache", "eos_token_id",
@@ -176,8 +176,8 @@ def _wb(module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _int8_linear(weight: torch.Tensor, bias: torch.Tensor | None):
-    """The product on int8 weights (one scale per output column) through mmgpt.kernels: weight (in, out).
-    A model put on int8 (`mmgpt.quantize`) holds weights on the int8 grid already, so this gives back
+    """The product on int8 weights (one scale per output column) through mmgpt.speed.kernels: weight (in, out).
+    A model put on int8 (`mmgpt.speed.quantize`) holds weights on the int8 grid already, so this gives back
     its own int8 values."""
     q, scale = quantize.quantize_weight(weight, dim=0)  # (in, out) int8, (out,)
     return kernels.rows_linear_int8(q, scale, bias)
@@ -202,7 +202,7 @@ class _DecoderPlan:
         self.n_head, self.d = cfg.n_head, cfg.n_embd
         layers = model.decoder.transformer.h
         head = model.decoder.lm_head
-        if kernel:  # mmgpt.kernels.rows_linear for one row and for several (module doc)
+        if kernel:  # mmgpt.speed.kernels.rows_linear for one row and for several (module doc)
             lin = _int8_linear if int8 else kernels.rows_linear
             self.blocks = [self._block(model, i, blk, lin, False) for i, blk in enumerate(layers)]
             self.one_row = self.blocks
@@ -287,7 +287,7 @@ def greedy_generate(
 
     `threads` (CPU with 2+ torch threads): "parallel": on all threads, one-row linears split in
     halves (module doc); "serial": on one thread; None: "parallel" while the other cores take work
-    at once (`encoders.threads.cores_free`), else "serial"; and a one-token step that takes 3x
+    at once (`mmgpt.speed.threads.cores_free`), else "serial"; and a one-token step that takes 3x
     the call's fastest, or 1.5x the fastest one-thread step seen at this batch size, moves the rest
     of the call to one thread."""
     b, dev = input_ids.shape[0], input_ids.device
