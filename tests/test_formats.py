@@ -518,7 +518,7 @@ def test_no_heavy_imports():
 
     import train.data
 
-    for path in Path(train.data.__file__).parent.glob("*.py"):
+    for path in Path(train.data.__file__).parent.rglob("*.py"):
         for node in ast.parse(path.read_text()).body:  # module level only
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
