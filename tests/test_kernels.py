@@ -74,6 +74,50 @@ def test_greedy_decoding_gives_the_same_tokens_with_and_without_the_kernel(monke
 
 
 @needs_kernel
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_c_decode_step_gives_the_logits_of_the_models_forward(monkeypatch, int8, threads):
+    """Every one-token step of the C path (rows_linear.c `mmgpt_decode_step`), captured, against the
+    model's own forward (transformers' GPT-2 blocks) over the generated sequence: left-padded rows of
+    different lengths, fp32 and int8 weights (the forward then reads the dequantized ones)."""
+    from test_model import left_padded_prompts, make_model
+
+    from mmgpt.speed import decode
+    from mmgpt.speed.quantize import quantize_model
+
+    model = quantize_model(make_model(seed=4), "int8" if int8 else None)
+    _, ids, mask = left_padded_prompts()
+    px = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    seen, built = [], decode._c_step
+
+    def capture(*args, **kw):
+        step = built(*args, **kw)
+        assert step is not None, "the C step did not run"
+
+        def run(h, pos):
+            logits = step(h, pos)
+            seen.append((pos, logits.clone()))  # generate() then masks the EOS column in place (min_new_tokens)
+            return logits
+
+        return run
+
+    monkeypatch.setattr(decode, "_c_step", capture)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=8,
+                             min_new_tokens=8, do_sample=False)
+    finally:
+        torch.set_num_threads(old)
+    assert len(seen) == 7  # the first token comes from the prompt
+    full_mask = torch.cat([mask, torch.ones(3, out.shape[1] - ids.shape[1], dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        ref = model(pixel_values=px, input_ids=out, attention_mask=full_mask, compute_itc=False).logits
+    for pos, logits in seen:  # the step at position pos predicts the token at pos + 1
+        torch.testing.assert_close(logits, ref[:, pos], rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
 def test_the_library_is_built_once_and_reused(fresh_state):
     assert kernels.available()
     built = list(fresh_state.glob("rows_linear-*.so"))

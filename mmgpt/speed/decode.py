@@ -184,7 +184,19 @@ def _int8_linear(weight: torch.Tensor, bias: torch.Tensor | None):
 
 
 def _then(f, g):
-    return lambda x: g(f(x))
+    def run(x):
+        return g(f(x))
+
+    run.first = f  # the product, for the C step (which applies the GELU itself)
+    return run
+
+
+def _tanh_gelu(act) -> int | None:
+    """1 for GPT-2's tanh GELU, 0 for the exact (erf) one, None for any other activation (the C step
+    then does not run)."""
+    if isinstance(act, torch.nn.GELU):
+        return {"tanh": 1, "none": 0}.get(act.approximate)
+    return {"NewGELUActivation": 1, "GELUTanh": 1, "PytorchGELUTanh": 1, "GELUActivation": 0}.get(type(act).__name__)
 
 
 def _gelu_of(act) -> str | None:
@@ -202,11 +214,13 @@ class _DecoderPlan:
         self.n_head, self.d = cfg.n_head, cfg.n_embd
         layers = model.decoder.transformer.h
         head = model.decoder.lm_head
+        self.kernel = kernel
         if kernel:  # mmgpt.speed.kernels.rows_linear for one row and for several (module doc)
             lin = _int8_linear if int8 else kernels.rows_linear
             self.blocks = [self._block(model, i, blk, lin, False) for i, blk in enumerate(layers)]
             self.one_row = self.blocks
             self.lm_head = self.lm_head_one_row = lin(head.weight.t(), head.bias)  # (D, V)
+            self.gelu_tanh = _tanh_gelu(layers[0].mlp.act)
             return
         onednn = rows and _onednn(model.decoder.lm_head.weight)
         self.blocks = [self._block(model, i, blk, _packed_linear if onednn else _linear, onednn)
@@ -229,7 +243,8 @@ class _DecoderPlan:
             fc = _then(lin(*_wb(blk.mlp.c_fc)), blk.mlp.act)
         p = {"ln_1": _layer_norm(blk.ln_1), "qkv": lin(*_wb(a.c_attn)), "proj": lin(*_wb(a.c_proj)),
              "scale": a.scaling, "ln_2": _layer_norm(blk.ln_2), "fc_act": fc, "fc_proj": lin(*_wb(blk.mlp.c_proj)),
-             "cross": None}
+             "cross": None, "module": blk}
+        p["fc"] = getattr(fc, "first", None)  # the product before the GELU
         if i >= model.k:
             c = blk.crossattention
             p["cross"] = {"ln": _layer_norm(blk.ln_cross_attn), "q": lin(*_wb(c.q_attn)), "proj": lin(*_wb(c.c_proj)),
@@ -265,6 +280,63 @@ def _plan(model, split: bool, rows: bool) -> _DecoderPlan:
     if (split, rows, kernel, int8) not in plans.by_split:
         plans.by_split[split, rows, kernel, int8] = _DecoderPlan(model, split, rows, kernel, int8)
     return plans.by_split[split, rows, kernel, int8]
+
+
+def _c_step(plan, model, b: int, total: int, kv_cache, cross_kv: dict, key_bias, n_mem: int):
+    """The whole one-token step as one call of `mmgpt.speed.kernels.decode_step` (rows_linear.c), or None
+    where it cannot run (not the kernels' plan, an activation it lacks, more rows than the kernels take).
+    Returns step(ids (B,), h (B, D) the embeddings at `pos`, pos) -> logits (B, V)."""
+    fn = kernels.decode_step() if getattr(plan, "kernel", False) else None
+    if fn is None or plan.gelu_tanh is None or b > kernels.MAX_ROWS:
+        return None
+    d, n_head = plan.d, plan.n_head
+    keep = []  # tensors whose pointers the C structs hold
+
+    def ptr(t):
+        keep.append(t)
+        return t.data_ptr()
+
+    layers = (kernels.Layer * len(plan.blocks))()
+    empty = kernels.Lin()
+    for i, p in enumerate(plan.blocks):
+        blk, c = p["module"], p["cross"]
+        if p["fc"] is None or not all(hasattr(f, "lin") for f in (p["qkv"], p["proj"], p["fc"], p["fc_proj"])):
+            return None
+        x = layers[i]
+        x.ln1_w, x.ln1_b, x.ln1_eps = ptr(blk.ln_1.weight.detach()), ptr(blk.ln_1.bias.detach()), blk.ln_1.eps
+        x.ln2_w, x.ln2_b, x.ln2_eps = ptr(blk.ln_2.weight.detach()), ptr(blk.ln_2.bias.detach()), blk.ln_2.eps
+        x.qkv, x.proj, x.fc, x.fc_proj = p["qkv"].lin, p["proj"].lin, p["fc"].lin, p["fc_proj"].lin
+        x.scale = p["scale"]
+        x.k_cache, x.v_cache = ptr(kv_cache[i, 0]), ptr(kv_cache[i, 1])  # (B, H, T, hd), contiguous
+        x.cq = x.cproj = empty
+        if c is not None:
+            if not (hasattr(c["q"], "lin") and hasattr(c["proj"], "lin")):
+                return None
+            ln = blk.ln_cross_attn
+            x.lnc_w, x.lnc_b, x.lnc_eps = ptr(ln.weight.detach()), ptr(ln.bias.detach()), ln.eps
+            x.cq, x.cproj, x.cscale = c["q"].lin, c["proj"].lin, c["scale"]
+            km, vm, _ = cross_kv[i]  # (B*H, M, hd) each
+            x.ck, x.cv, x.n_mem = ptr(km.contiguous()), ptr(vm.contiguous()), n_mem
+    tr = model.decoder.transformer
+    lnf_w, lnf_b = tr.ln_f.weight.detach(), tr.ln_f.bias.detach()
+    head = plan.lm_head.lin
+    f_width = max(p["fc"].lin.N for p in plan.blocks)
+    work = torch.empty(b * (d + max(3 * d, f_width)))
+    tmp = torch.empty(b, d)
+    scores = torch.empty(b * n_head * max(total, n_mem))
+    bias_ptr = None if key_bias is None else ptr(key_bias.contiguous())
+    keep += [lnf_w, lnf_b, work, tmp, scores, plan]
+
+    def step(h: torch.Tensor, pos: int) -> torch.Tensor:
+        h = h.contiguous()
+        logits = torch.empty(b, head.N)
+        fn(layers, len(plan.blocks), b, d, n_head, total, pos, h.data_ptr(), bias_ptr, lnf_w.data_ptr(),
+           lnf_b.data_ptr(), tr.ln_f.eps, head, logits.data_ptr(), work.data_ptr(), tmp.data_ptr(),
+           scores.data_ptr(), plan.gelu_tanh, torch.get_num_threads())
+        return logits
+
+    step.keep = keep
+    return step
 
 
 @torch.no_grad()
@@ -341,6 +413,11 @@ def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_
         key_bias = (torch.zeros(b, 1, 1, total, dtype=dtype, device=dev).masked_fill_(mask[:, None, None] == 0, neg)
                     .expand(b, n_head, 1, total).reshape(b * n_head, 1, total))
 
+    c_step = None
+    if dev.type == "cpu" and dtype == torch.float32:
+        bias_bt = None if not padded else torch.zeros(b, total, dtype=dtype).masked_fill_(mask == 0, neg)  # (B, T)
+        c_step = _c_step(plan, model, b, total, kv_cache, cross_kv, bias_bt, n_mem)
+
     def attend_one(q, k_t, v, bias, scale):
         """One query per row: q (B*H, 1, hd), k_t (B*H, hd, T), v (B*H, T, hd) -> (B, D). Two
         batched products and a softmax; SDPA's CPU kernel costs ~5x that for one query (module doc)."""
@@ -415,7 +492,10 @@ def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_
                 break
         if n + 1 < max_new_tokens:
             t0 = time.perf_counter()
-            logits = one_token_step(nxt, p + n, *step_weights)
+            if c_step is not None:
+                logits = c_step(wte[nxt].add_(pos_emb[:, p + n]), p + n)
+            else:
+                logits = one_token_step(nxt, p + n, *step_weights)
             took = time.perf_counter() - t0
             if serial:
                 timings[b] = min(timings.get(b, took), took)

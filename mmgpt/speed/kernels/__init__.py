@@ -40,6 +40,22 @@ MAX_ROWS = 32  # above this, MKL's blocked GEMM is the better product
 _state: dict = {}
 
 
+class Lin(ctypes.Structure):
+    """A packed product as `mmgpt_decode_step` reads it (rows_linear.c's `Lin`)."""
+
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("K", ctypes.c_int64), ("N", ctypes.c_int64), ("P", ctypes.c_int64), ("int8", ctypes.c_int64)]
+
+
+class Layer(ctypes.Structure):
+    """One decoder block for `mmgpt_decode_step` (rows_linear.c's `Layer`)."""
+
+    _fields_ = ([(n, ctypes.c_void_p) for n in ("ln1_w", "ln1_b", "ln2_w", "ln2_b", "lnc_w", "lnc_b")]
+                + [(n, Lin) for n in ("qkv", "proj", "fc", "fc_proj", "cq", "cproj")]
+                + [(n, ctypes.c_void_p) for n in ("k_cache", "v_cache", "ck", "cv")] + [("n_mem", ctypes.c_int64)]
+                + [(n, ctypes.c_float) for n in ("ln1_eps", "ln2_eps", "lnc_eps", "scale", "cscale", "pad_")])
+
+
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "mmgpt" / "kernels"
@@ -111,12 +127,14 @@ def _load():
             try:
                 path = _build()
                 lib = ctypes.CDLL(str(path))
-                fn, fn_i8 = lib.mmgpt_rows_linear, lib.mmgpt_rows_linear_i8
-                i64, ptr = ctypes.c_int64, ctypes.c_void_p
-                fn.restype = fn_i8.restype = None
+                fn, fn_i8, step = lib.mmgpt_rows_linear, lib.mmgpt_rows_linear_i8, lib.mmgpt_decode_step
+                i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+                fn.restype = fn_i8.restype = step.restype = None
                 fn.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, ctypes.c_int]
                 fn_i8.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, i64, ptr, ctypes.c_int]
-                _state["fn_i8"] = fn_i8
+                step.argtypes = [ctypes.POINTER(Layer), i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, f32,
+                                 ctypes.POINTER(Lin), ptr, ptr, ptr, ptr, i64, ctypes.c_int]
+                _state["fn_i8"], _state["step"] = fn_i8, step
                 break
             except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as err:
                 why, fn = f"build failed: {err}", None
@@ -174,6 +192,7 @@ def rows_linear(weight: torch.Tensor, bias: torch.Tensor | None):
         return out
 
     run.packed = (wp, b)  # keeps the buffers alive with the function
+    run.lin = Lin(w_ptr, None, b_ptr, k, n, p, 0)  # what decode_step reads
     return run
 
 
@@ -211,4 +230,13 @@ def rows_linear_int8(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Ten
         return out
 
     run.packed = (wp, s, b)
+    run.lin = Lin(wp.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), k, n, p, 1)
     return run
+
+
+def decode_step():
+    """The C function that runs a whole one-token step (rows_linear.c `mmgpt_decode_step`), or None where
+    the kernels do not build. mmgpt.speed.decode lays out its arguments."""
+    if not available():
+        return None
+    return _state.get("step")

@@ -208,3 +208,154 @@ void mmgpt_rows_linear_i8(const float *x, int64_t R, int64_t K, const int8_t *q,
     for (int64_t r = 0; r < R; ++r) finish_i8(tot + r * W16, scale, bias, col0, cols, out + r * N + col0);
   }
 }
+
+/* ---- the whole one-token step of a GPT-2 decoder with cross-attention ---------------------------
+ *
+ * One call per generated token instead of ~20 torch ops per layer: per layer, layer norm -> qkv ->
+ * k and v written into the cache -> one-query attention over the cache -> projection + residual ->
+ * (cross-attention layers) layer norm -> q -> attention over the image's keys and values ->
+ * projection + residual -> layer norm -> MLP (GELU) -> residual; then the final layer norm and the
+ * LM head. The products are the kernels above (fp32 or int8 weights); the rest is plain C on (B, D)
+ * rows, attention heads split between the threads. Same math as the torch path (mmgpt/speed/decode.py
+ * `one_token_step`), to float rounding.
+ */
+#include <math.h>
+
+typedef struct {
+  const void *w;        /* (P, K, 16) packed panels: fp32, or int8 when int8 != 0 */
+  const float *scale;   /* (N) per output column, int8 only */
+  const float *bias;    /* (N) or NULL */
+  int64_t K, N, P, int8;
+} Lin;
+
+typedef struct {
+  const float *ln1_w, *ln1_b, *ln2_w, *ln2_b, *lnc_w, *lnc_b;
+  Lin qkv, proj, fc, fc_proj, cq, cproj;
+  float *k_cache, *v_cache; /* (B, H, T, hd) of this layer */
+  const float *ck, *cv;     /* (B, H, M, hd) cross-attention keys and values, or NULL */
+  int64_t n_mem;
+  float ln1_eps, ln2_eps, lnc_eps, scale, cscale, pad_;
+} Layer;
+
+static void lin_rows(const Lin *l, const float *x, int64_t R, float *out, int threads) {
+  if (l->int8)
+    mmgpt_rows_linear_i8(x, R, l->K, (const int8_t *)l->w, l->P, l->scale, l->bias, l->N, out, threads);
+  else
+    mmgpt_rows_linear(x, R, l->K, (const float *)l->w, l->P, l->bias, l->N, out, threads);
+}
+
+static void layer_norm_rows(const float *x, int64_t R, int64_t D, const float *w, const float *b, float eps,
+                            float *out) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float *xr = x + r * D;
+    float *o = out + r * D;
+    double mean = 0.0, var = 0.0;
+    for (int64_t i = 0; i < D; ++i) mean += xr[i];
+    mean /= (double)D;
+    for (int64_t i = 0; i < D; ++i) { const double c = xr[i] - mean; var += c * c; }
+    const float inv = (float)(1.0 / sqrt(var / (double)D + (double)eps)), m = (float)mean;
+    for (int64_t i = 0; i < D; ++i) o[i] = (xr[i] - m) * inv * w[i] + b[i];
+  }
+}
+
+/* One query against n keys: q (hd), keys/values rows of `stride` floats; bias (n) or NULL; s scratch. */
+static inline float dot_hd(const float *a, const float *b, int64_t hd) {
+  int64_t i = 0;
+  float r = 0.0f;
+  if (hd >= 8) {
+    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
+    for (i = 8; i + 8 <= hd; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    const __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    const __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+    r = _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+  }
+  for (; i < hd; ++i) r += a[i] * b[i];
+  return r;
+}
+
+static void attend(const float *q, const float *k, const float *v, int64_t n, int64_t hd, float scale,
+                   const float *bias, float *s, float *o) {
+  float mx = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) {
+    s[t] = dot_hd(q, k + t * hd, hd) * scale + (bias ? bias[t] : 0.0f);
+    if (s[t] > mx) mx = s[t];
+  }
+  float sum = 0.0f;
+  for (int64_t t = 0; t < n; ++t) { s[t] = expf(s[t] - mx); sum += s[t]; }
+  const float inv = 1.0f / sum;
+  int64_t i = 0;
+  for (; i + 8 <= hd; i += 8) { /* o[i:i+8] = sum_t w_t v_t[i:i+8] */
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n; ++t) acc = _mm256_fmadd_ps(_mm256_set1_ps(s[t] * inv), _mm256_loadu_ps(v + t * hd + i), acc);
+    _mm256_storeu_ps(o + i, acc);
+  }
+  for (; i < hd; ++i) {
+    float acc = 0.0f;
+    for (int64_t t = 0; t < n; ++t) acc += s[t] * inv * v[t * hd + i];
+    o[i] = acc;
+  }
+}
+
+static void gelu_rows(float *x, int64_t n, int64_t tanh_form, int threads) {
+  if (tanh_form) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= 4096)
+    for (int64_t i = 0; i < n; ++i) {
+      const float u = x[i];
+      x[i] = 0.5f * u * (1.0f + tanhf(0.7978845608028654f * (u + 0.044715f * u * u * u)));
+    }
+  } else {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= 4096)
+    for (int64_t i = 0; i < n; ++i) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.7071067811865476f));
+  }
+}
+
+/* h (B, D): the token + position embeddings in, overwritten; logits (B, V) out. key_bias (B, T)
+ * additive (padding) or NULL. work: B * (D + max(3D, F)) floats; scores: B * H * max(T, M) floats. */
+void mmgpt_decode_step(const Layer *layers, int64_t L, int64_t B, int64_t D, int64_t H, int64_t T, int64_t pos,
+                       float *h, const float *key_bias, const float *lnf_w, const float *lnf_b, float lnf_eps,
+                       const Lin *head, float *logits, float *work, float *tmp, float *scores, int64_t gelu_tanh,
+                       int threads) {
+  const int64_t hd = D / H, n = pos + 1;
+  float *x = work, *big = work + B * D; /* (B, D) normed rows; (B, 3D) qkv or (B, F) MLP hidden */
+  for (int64_t li = 0; li < L; ++li) {
+    const Layer *l = layers + li;
+    layer_norm_rows(h, B, D, l->ln1_w, l->ln1_b, l->ln1_eps, x);
+    lin_rows(&l->qkv, x, B, big, threads); /* (B, 3D): q | k | v */
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t hh = 0; hh < H; ++hh) {
+        const int64_t c = ((b * H + hh) * T + pos) * hd;
+        for (int64_t i = 0; i < hd; ++i) {
+          l->k_cache[c + i] = big[b * 3 * D + D + hh * hd + i];
+          l->v_cache[c + i] = big[b * 3 * D + 2 * D + hh * hd + i];
+        }
+      }
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B * H > 1)
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      const int64_t b = bh / H, hh = bh % H;
+      attend(big + b * 3 * D + hh * hd, l->k_cache + bh * T * hd, l->v_cache + bh * T * hd, n, hd, l->scale,
+             key_bias ? key_bias + b * T : NULL, scores + bh * (T > l->n_mem ? T : l->n_mem), x + b * D + hh * hd);
+    }
+    lin_rows(&l->proj, x, B, tmp, threads);
+    for (int64_t i = 0; i < B * D; ++i) h[i] += tmp[i];
+    if (l->ck) {
+      const int64_t M = l->n_mem;
+      layer_norm_rows(h, B, D, l->lnc_w, l->lnc_b, l->lnc_eps, x);
+      lin_rows(&l->cq, x, B, big, threads); /* (B, D) queries */
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B * H > 1)
+      for (int64_t bh = 0; bh < B * H; ++bh) {
+        const int64_t b = bh / H, hh = bh % H;
+        attend(big + b * D + hh * hd, l->ck + bh * M * hd, l->cv + bh * M * hd, M, hd, l->cscale, NULL,
+               scores + bh * (T > M ? T : M), x + b * D + hh * hd);
+      }
+      lin_rows(&l->cproj, x, B, tmp, threads);
+      for (int64_t i = 0; i < B * D; ++i) h[i] += tmp[i];
+    }
+    layer_norm_rows(h, B, D, l->ln2_w, l->ln2_b, l->ln2_eps, x);
+    lin_rows(&l->fc, x, B, big, threads); /* (B, F) */
+    gelu_rows(big, B * l->fc.N, gelu_tanh, threads);
+    lin_rows(&l->fc_proj, big, B, tmp, threads);
+    for (int64_t i = 0; i < B * D; ++i) h[i] += tmp[i];
+  }
+  layer_norm_rows(h, B, D, lnf_w, lnf_b, lnf_eps, x);
+  lin_rows(head, x, B, logits, threads);
+}
