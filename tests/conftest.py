@@ -11,3 +11,19 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def quiet_and_one_thread():
+    """One torch thread and no transformers warnings for a test that runs documentation's code blocks;
+    restores both, and grad mode, afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    threads, verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
+    grad = torch.is_grad_enabled()
+    torch.set_num_threads(1)
+    hf_logging.set_verbosity_error()
+    yield
+    torch.set_num_threads(threads)
+    hf_logging.set_verbosity(verbosity)
+    torch.set_grad_enabled(grad)

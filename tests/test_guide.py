@@ -6,34 +6,16 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
-import pytest
-import torch
+from _docs import ROOT, broken_links
+from _docs import blocks as _blocks
 
-ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "guide.md"
-FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 
 
 def blocks(lang: str) -> list[tuple[int, str]]:
-    """(line number, code) of every fenced block of this language, in order."""
-    text = GUIDE.read_text(encoding="utf-8")
-    return [(text.count("\n", 0, m.start()) + 1, m.group(2)) for m in FENCE.finditer(text) if m.group(1) == lang]
-
-
-@pytest.fixture
-def quiet_and_one_thread():
-    from transformers.utils import logging as hf_logging
-
-    threads, verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
-    grad = torch.is_grad_enabled()
-    torch.set_num_threads(1)
-    hf_logging.set_verbosity_error()
-    yield
-    torch.set_num_threads(threads)
-    hf_logging.set_verbosity(verbosity)
-    torch.set_grad_enabled(grad)
+    """(line number, code) of every fenced block of this language in the guide, in order."""
+    return _blocks(GUIDE, lang)
 
 
 def test_guide_has_python_snippets_for_every_part():
@@ -78,9 +60,7 @@ def test_guide_yaml_examples_are_valid_training_configs(tmp_path):
 
 def test_guide_links_and_named_files_exist():
     text = GUIDE.read_text(encoding="utf-8")
-    for target in re.findall(r"\]\(([^)#\s]+)\)", text):
-        if "://" not in target:
-            assert (GUIDE.parent / target).exists(), target
+    assert not broken_links(GUIDE)
     image = GUIDE.parent / "images" / "explain-example.png"
     assert image.is_file()
     assert sum(p.stat().st_size for p in (GUIDE.parent / "images").iterdir()) < 300_000
