@@ -1,11 +1,12 @@
 """Losses: image-text contrastive (gathered across processes with gradients); the LM head fused with
-its cross-entropy."""
+its cross-entropy; next-token and bag-of-words losses of the model's forward."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 
 def _world() -> tuple[int, int]:
@@ -196,3 +197,50 @@ def linear_cross_entropy(
         return F.cross_entropy((hidden @ weight.t()).float(), targets, label_smoothing=label_smoothing)
     chunk = max(1, (1 << 21) // weight.shape[0])  # rows whose (c, V) fp32 logits take ~8 MB
     return _LinearCrossEntropy.apply(hidden, weight, targets, float(label_smoothing), chunk)
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy of logits (B, T, V) against labels (B, T) shifted by one (-100 = ignore)."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # (B*(T-1), V)
+    shift_labels = labels[:, 1:].reshape(-1)  # (B*(T-1),)
+    return F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=-100, label_smoothing=label_smoothing)
+
+
+def target_rows_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
+                     label_smoothing: float = 0.0) -> torch.Tensor:
+    """`next_token_loss` with only the rows that have a target through the LM head `head`, fused with the
+    loss (`linear_cross_entropy`) where it is a plain bias-free Linear: hidden (B, T, D), labels (B, T)."""
+    keep = labels[:, 1:] != -100  # (B, T-1)
+    rows, targets = hidden[:, :-1][keep], labels[:, 1:][keep]  # (N, D), (N,)
+    if type(head) is nn.Linear and head.bias is None:
+        return linear_cross_entropy(rows, head.weight, targets, label_smoothing)
+    return F.cross_entropy(head(rows).float(), targets, label_smoothing=label_smoothing)  # e.g. LoRA
+
+
+def bag_of_words_loss(head: nn.Linear, tokens: torch.Tensor, labels: torch.Tensor,
+                      image_index: torch.Tensor | None, itc_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Bag of words: for every vocabulary entry, a binary cross-entropy on whether the image's ITC rows
+    (`itc_mask`: its caption, plus answers with itc_questions; all rows when None) hold that target
+    token, from head(mean image token) (tokens (B_img, K, Dt), the adapter's);
+    summed over the vocabulary, averaged over the rows. Each token is its own yes/no task, so a
+    word that tells images apart (a shape name) is not crowded out by the frequent ones."""
+    rows = itc_mask.bool() if itc_mask is not None else torch.ones(labels.shape[0], dtype=torch.bool,
+                                                                     device=labels.device)
+    img = image_index[rows] if image_index is not None else rows.nonzero().squeeze(1)  # (b,)
+    lab = labels[rows]  # (b, T)
+    if lab.shape[0] == 0:
+        return None
+    bag = torch.zeros(lab.shape[0], head.out_features, device=lab.device)
+    keep = lab != -100
+    bag[torch.arange(lab.shape[0], device=lab.device)[:, None].expand_as(lab)[keep], lab[keep]] = 1.0
+    logits = head(tokens.mean(1)[img]).float()  # (b, V)
+    return F.binary_cross_entropy_with_logits(logits, bag, reduction="sum") / lab.shape[0]
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x in the forward pass; its gradient times `scale` in the backward pass."""
+    if scale == 1.0 or not x.requires_grad:
+        return x
+    d = x.detach()
+    # (x - d) is exactly 0, so the forward is x bit for bit (nan_to_num: inf - inf would be NaN)
+    return d + (x - d).nan_to_num(0.0) * scale

@@ -254,7 +254,7 @@ def test_a_decoders_own_template_keeps_its_format_with_image_placeholders_and_as
 
 
 def test_length_buckets_give_the_loss_and_gradients_of_one_padded_pass(monkeypatch):
-    import mmgpt.model as mm
+    import mmgpt.cross_attention as mm
 
     model, proc = _model("cross", seed=3)
     model.train()
