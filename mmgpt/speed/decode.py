@@ -375,6 +375,22 @@ def greedy_generate(
                        min_new_tokens, split, watch=auto and threads != "serial", warpers=warpers)
 
 
+def _cross_kv(plan, memory: torch.Tensor) -> dict:
+    """Cross-attention keys and values of memory (B, K, D), once per call: per cross layer
+    (keys (B*H, K, hd), values (B*H, K, hd), keys as (B*H, hd, K) for the torch steps)."""
+    b, n_mem, d = memory.shape
+    n_head = plan.n_head
+    hd = d // n_head
+    mem2d = memory.reshape(-1, d)  # (B*K, D)
+    cross_kv = {}
+    for i, blk in enumerate(plan.blocks):
+        if blk["cross"] is not None:
+            km, vm = blk["cross"]["kv"](mem2d).split(d, dim=1)  # (B*K, D) each
+            km, vm = (_heads(x, b, n_head).reshape(b * n_head, n_mem, hd) for x in (km, vm))
+            cross_kv[i] = (km, vm, km.transpose(1, 2).contiguous())
+    return cross_kv
+
+
 def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
             min_new_tokens, split: bool, watch: bool, warpers=None) -> torch.Tensor:
     tr = model.decoder.transformer
@@ -391,15 +407,8 @@ def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_
     # Per layer, (B*H, T, hd) views of the cache for the one-token steps' batched products.
     k_rows = [k_all[i].view(b * n_head, total, hd) for i in range(len(blocks))]
     v_rows = [v_all[i].view(b * n_head, total, hd) for i in range(len(blocks))]
-    # Cross-attention keys and values, once per call, as (B*H, K, hd).
-    mem2d = memory.reshape(-1, d)  # (B*K, D)
     n_mem = memory.shape[1]
-    cross_kv = {}
-    for i, blk in enumerate(plan.blocks):
-        if blk["cross"] is not None:
-            km, vm = blk["cross"]["kv"](mem2d).split(d, dim=1)  # (B*K, D) each
-            km, vm = (_heads(x, b, n_head).reshape(b * n_head, n_mem, hd) for x in (km, vm))
-            cross_kv[i] = (km, vm, km.transpose(1, 2).contiguous())  # + keys as (B*H, hd, K) for the steps
+    cross_kv = _cross_kv(plan, memory)
     mask = torch.ones(b, total, dtype=torch.long, device=dev)
     mask[:, :p] = attention_mask  # generated positions are always attended to, as in generate()
     padded = not bool(attention_mask.all())
@@ -467,14 +476,29 @@ def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_
             h.add_(blk["fc_proj"](blk["fc_act"](blk["ln_2"](h))))
         return lm_head(ln_f(h))  # (B, V)
 
+    def step(nxt: torch.Tensor, pos: int, serial: bool) -> torch.Tensor:
+        if c_step is not None:
+            return c_step(wte[nxt].add_(pos_emb[:, pos]), pos)
+        return one_token_step(nxt, pos, *((plan.blocks, plan.lm_head) if serial
+                                          else (plan.one_row, plan.lm_head_one_row)))
+
     out = torch.empty(b, total, dtype=input_ids.dtype, device=dev)
     out[:, :p] = input_ids
-    done = torch.zeros(b, dtype=torch.bool, device=dev)
-    logits = prompt_step(input_ids)
+    n = _token_loop(prompt_step(input_ids), step, out, p, max_new_tokens, min_new_tokens, eos_token_id, pad_token_id,
+                    warpers, watch, model.__dict__["_fastgen_plans"].serial_step, neg)
+    return out[:, : p + n + 1]
+
+
+def _token_loop(logits, step, out, p: int, max_new_tokens: int, min_new_tokens: int, eos_token_id, pad_token_id,
+                warpers, watch: bool, timings: dict, neg: float) -> int:
+    """Choose each token from the last logits (greedy, or sampled through `warpers`), write it into
+    `out` at p + n, and run `step` for the next logits, until max_new_tokens or every row ended;
+    returns the index n of the last token written. On a watched call a step that takes 3x the call's
+    fastest, or 1.5x the fastest one-thread step seen (`timings`), moves the rest to one thread."""
+    b = out.shape[0]
+    done = torch.zeros(b, dtype=torch.bool, device=out.device)
     n, fastest = 0, float("inf")
     serial = torch.get_num_threads() == 1
-    step_weights = (plan.blocks, plan.lm_head) if serial else (plan.one_row, plan.lm_head_one_row)
-    timings = model.__dict__["_fastgen_plans"].serial_step
     for n in range(max_new_tokens):
         if eos_token_id is not None and n < min_new_tokens:
             logits[:, eos_token_id] = neg
@@ -492,10 +516,7 @@ def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_
                 break
         if n + 1 < max_new_tokens:
             t0 = time.perf_counter()
-            if c_step is not None:
-                logits = c_step(wte[nxt].add_(pos_emb[:, p + n]), p + n)
-            else:
-                logits = one_token_step(nxt, p + n, *step_weights)
+            logits = step(nxt, p + n, serial)
             took = time.perf_counter() - t0
             if serial:
                 timings[b] = min(timings.get(b, took), took)
@@ -504,5 +525,5 @@ def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_
                 if took > 3 * fastest or took > 1.5 * timings.get(b, float("inf")):
                     # another process took a core: waiting on it costs more than one core does
                     torch.set_num_threads(1)  # the caller's one_thread() restores the count
-                    step_weights, serial = (plan.blocks, plan.lm_head), True
-    return out[:, : p + n + 1]
+                    serial = True
+    return n
