@@ -419,12 +419,12 @@ def test_setting_the_cancel_event_stops_generation(vl):
 
     from transformers import StoppingCriteriaList
 
-    from mmgpt.serve.app import _Cancel
+    from mmgpt.serve.streaming import Cancel
 
     image, stop = draw(COLORS[0]), threading.Event()
-    full = vl.ask(image, QUESTION, max_new_tokens=20, stopping_criteria=StoppingCriteriaList([_Cancel(stop)]))
+    full = vl.ask(image, QUESTION, max_new_tokens=20, stopping_criteria=StoppingCriteriaList([Cancel(stop)]))
     stop.set()
-    cut = vl.ask(image, QUESTION, max_new_tokens=20, stopping_criteria=StoppingCriteriaList([_Cancel(stop)]))
+    cut = vl.ask(image, QUESTION, max_new_tokens=20, stopping_criteria=StoppingCriteriaList([Cancel(stop)]))
     assert full == vl.ask(image, QUESTION, max_new_tokens=20)  # unset: no effect
     assert len(vl.processor.tokenizer(cut)["input_ids"]) <= 1 < len(vl.processor.tokenizer(full)["input_ids"])
 

@@ -104,6 +104,35 @@ def test_the_page_shows_server_errors(page, base_url):
     assert page.locator("#thumbs .thumb").count() == 0  # it left the conversation
 
 
+def test_api_docs_render_offline_in_chromium(page, base_url):
+    """/docs (Swagger UI) and /redoc list the operations with every request to another host refused: their
+    scripts and styles come from this server (a CDN script would leave the pages blank)."""
+    outside: list[str] = []
+
+    def only_this_server(route):
+        if route.request.url.startswith(base_url + "/"):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_this_server)
+    try:
+        page.goto(base_url + "/docs")
+        path = page.locator('.opblock-summary-path[data-path="/v1/chat/completions"]')
+        path.wait_for(timeout=WAIT_MS)
+        assert path.inner_text().replace("\u200b", "") == "/v1/chat/completions"
+        assert page.locator(".opblock").count() >= 10  # caption, ask, embed, ... from /openapi.json
+        page.goto(base_url + "/redoc")
+        page.wait_for_selector("h1", timeout=WAIT_MS)
+        assert page.locator("h1").first.inner_text().startswith("mmgpt:")
+        page.wait_for_selector('h2:has-text("Chat Completions")', timeout=WAIT_MS)  # the operation's summary
+    finally:
+        page.unroute("**/*", only_this_server)
+    # ReDoc's script asks its CDN for the logo of its "API docs by Redocly" footer, and nothing else
+    assert [url for url in outside if url != "https://cdn.redoc.ly/redoc/logo-mini.svg"] == []
+
+
 # --- the chat ----------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
-"""Serve a model over HTTP: JSON endpoints with dynamic batching, a streaming answer endpoint and a
-web page. Needs the `serve` extra (fastapi, uvicorn, python-multipart); `mmgpt serve MODEL` runs it."""
+"""Serve a model over HTTP: JSON endpoints with dynamic batching, a streaming answer endpoint, a web page
+and the API docs (/docs). Needs the `serve` extra (fastapi, fastapi-offline, uvicorn, python-multipart);
+`mmgpt serve MODEL` runs it."""
 
 from mmgpt.serve.app import ServeConfig, create_app
 

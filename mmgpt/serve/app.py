@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -31,6 +29,7 @@ from pydantic import BaseModel
 
 from mmgpt.serve import schemas
 from mmgpt.serve.batching import DynamicBatcher
+from mmgpt.serve.docs import add_docs
 from mmgpt.serve.guards import MAX_JSON_DEPTH, HostOriginGuard, JsonDepthLimit
 from mmgpt.serve.inputs import (
     BodyLimit,
@@ -41,8 +40,7 @@ from mmgpt.serve.inputs import (
     parse_body,
 )
 from mmgpt.serve.page import render_page
-
-log = logging.getLogger(__name__)
+from mmgpt.serve.streaming import StreamSlot, answer_events
 
 
 @dataclass(frozen=True)
@@ -157,19 +155,44 @@ def _body_doc(model: type[BaseModel], question: str | None = None) -> dict:
 ROUTE_ERRORS = schemas.error_responses()  # 400 403 413 415 422 504
 
 
-class _Cancel:
-    """A stopping criterion for generate(): ends generation once `event` is set (client gone, timeout)."""
+@dataclass
+class _Serving:
+    """What the routes of one app share: the pipeline, its batcher and limits, and the request helpers."""
 
-    def __init__(self, event: threading.Event):
-        self.event = event
+    pipeline: object
+    name: str
+    config: ServeConfig
+    batcher: DynamicBatcher
+    images: ImageLimits
+    streams: list  # [asyncio.Semaphore], made in the lifespan, in the loop that serves
+    defaults: dict  # the generation options a request leaves out: the model's own, bounded
+    question_doc: str | None  # what the question fields' documentation adds (this model's limit)
 
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+    def options(self, req) -> tuple:
+        """The request's generation options, the model's own (bounded) for those it leaves out."""
+        return tuple({**self.defaults, **dict(req.options())}.items())
+
+    async def within_timeout(self, coro):
+        timeout_s = self.config.timeout_s
+        try:
+            return await asyncio.wait_for(coro, timeout_s)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            raise HTTPException(504, f"no answer within {timeout_s:g} s; try again when the server is less busy")
+        except ValueError as err:  # the model refused this input (e.g. a question longer than the decoder reads)
+            raise HTTPException(422, str(err)) from None
+
+    async def body(self, request: Request, model: type[schemas.Body]):
+        return await parse_body(request, model, self.config.max_upload_bytes)
 
 
-def _sse(data: dict, event: str | None = None) -> str:
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n"
+def _question_doc(pipeline) -> str | None:
+    """What the question fields' documentation says about this model's limit (None: no fixed limit)."""
+    limit = _question_limit(pipeline)
+    if limit is None:
+        return None
+    room = limit - 1 - len(pipeline.processor.encode_prompt("vqa", ""))
+    return (f"at most {room} tokens of this model's tokenizer (its decoder reads {limit} positions, "
+            "the prompt included); a longer question is answered 422")
 
 
 def create_app(
@@ -201,11 +224,6 @@ def create_app(
                          max_inflight_pixels, timeout_s, max_streams)
     pipeline, default_name = _load(pipeline_or_model_dir, device, dtype)
     name = name or default_name
-    defaults = _bounded_defaults(pipeline)
-
-    def options(req) -> tuple:
-        """The request's generation options, the model's own (bounded) for those it leaves out."""
-        return tuple({**defaults, **dict(req.options())}.items())
     batcher = DynamicBatcher(lambda work, items: run_batch(pipeline, work, items), max_batch_size, max_wait_ms)
     streams: list[asyncio.Semaphore] = []  # made in the lifespan, in the loop that serves
     page = render_page(name, max_upload_bytes)
@@ -225,44 +243,48 @@ def create_app(
         title=f"mmgpt: {name}",
         summary="Caption images, answer questions about them, embed and compare images and texts.",
         lifespan=lifespan,
+        docs_url=None,  # add_docs: the same pages, their scripts and styles served from here (no CDN)
+        redoc_url=None,
     )
+    add_docs(app)
     processor = getattr(pipeline, "processor", None)
     images = ImageLimits(max_pixels, max_request_pixels, PixelBudget(max_inflight_pixels),
                          side=getattr(processor, "image_size", None))
-    # outermost last: who may call (Host, Origin), CORS answers for allowed origins, the body size, the JSON
-    # depth, the image budgets (every route, present and future, gets them all)
-    app.add_middleware(ImageLimitsScope, limits=images)
-    app.add_middleware(JsonDepthLimit, max_depth=MAX_JSON_DEPTH)
-    app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
+    _add_middleware(app, images, max_upload_bytes, api_key, allowed_hosts, allowed_origins)
     if search_index is not None:
         app.include_router(search_router(search_index, lambda task, items: batcher.submit_many(Work(task), items),
                                          max_pixels, max_upload_bytes, timeout_s))
-    from mmgpt.serve.openai_api import ApiKey, openai_router  # imports this module: not at the top
+    app.state.config, app.state.batcher, app.state.pipeline, app.state.images = config, batcher, pipeline, images
+    serving = _Serving(pipeline, name, config, batcher, images, streams, _bounded_defaults(pipeline),
+                       _question_doc(pipeline))
+    _add_page_and_health(app, serving, page)
+    _add_image_routes(app, serving)
+    _add_stream_route(app, serving)
+    from mmgpt.serve.openai_api import openai_router  # imports this module: not at the top
 
+    app.include_router(openai_router(app, name, streams, serving.defaults["max_new_tokens"]))
+    return app
+
+
+def _add_middleware(app: FastAPI, images: ImageLimits, max_upload_bytes: int, api_key: str | None,
+                    allowed_hosts, allowed_origins) -> None:
+    """Outermost last: who may call (Host, Origin), CORS answers for allowed origins, the API key, the body
+    size, the JSON depth, the image budgets (every route, present and future, gets them all)."""
+    from mmgpt.serve.openai_api import ApiKey  # imports this module: not at the top
+
+    app.add_middleware(ImageLimitsScope, limits=images)
+    app.add_middleware(JsonDepthLimit, max_depth=MAX_JSON_DEPTH)
+    app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
     if api_key:  # every /v1 route, the OpenAI-compatible ones and the rest; inside CORS (preflights answered)
         app.add_middleware(ApiKey, key=api_key)
     if allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["*"])
     app.add_middleware(HostOriginGuard, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
-    app.state.config, app.state.batcher, app.state.pipeline, app.state.images = config, batcher, pipeline, images
-    limit = _question_limit(pipeline)
-    question_doc = None
-    if limit is not None:
-        room = limit - 1 - len(processor.encode_prompt("vqa", ""))
-        question_doc = (f"at most {room} tokens of this model's tokenizer (its decoder reads {limit} positions, "
-                        "the prompt included); a longer question is answered 422")
 
-    async def within_timeout(coro):
-        try:
-            return await asyncio.wait_for(coro, timeout_s)
-        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-            raise HTTPException(504, f"no answer within {timeout_s:g} s; try again when the server is less busy")
-        except ValueError as err:  # the model refused this input (e.g. a question longer than the decoder reads)
-            raise HTTPException(422, str(err)) from None
 
-    async def body(request: Request, model: type[schemas.Body]):
-        return await parse_body(request, model, max_upload_bytes)
+def _add_page_and_health(app: FastAPI, s: _Serving, page: str) -> None:
+    """The web page at / and GET /health."""
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
@@ -271,52 +293,57 @@ def create_app(
     @app.get("/health", responses={503: {"description": "the batch worker is not running"},
                                    **schemas.error_responses(400, 403)})
     async def health() -> JSONResponse:
-        return JSONResponse(status_code=200 if batcher.running else 503, content={
-            "status": "ok" if batcher.running else "unavailable",
-            "model": name,
-            "device": str(getattr(pipeline, "device", "unknown")),
-            "queued": batcher.queued,
-            "batches": asdict(batcher.stats),
-            "config": asdict(config),
+        return JSONResponse(status_code=200 if s.batcher.running else 503, content={
+            "status": "ok" if s.batcher.running else "unavailable",
+            "model": s.name,
+            "device": str(getattr(s.pipeline, "device", "unknown")),
+            "queued": s.batcher.queued,
+            "batches": asdict(s.batcher.stats),
+            "config": asdict(s.config),
         })
+
+
+def _add_image_routes(app: FastAPI, s: _Serving) -> None:
+    """POST /v1/caption, /v1/ask, /v1/embed and /v1/similarity: whole answers through the batcher."""
 
     @app.post("/v1/caption", response_model=schemas.CaptionResponse, openapi_extra=_body_doc(schemas.CaptionRequest),
               responses=ROUTE_ERRORS)
     async def caption(request: Request) -> schemas.CaptionResponse:
         async def go():
-            req = await body(request, schemas.CaptionRequest)
-            images = await decode_images(req.images, "images", app.state.images)
-            return schemas.CaptionResponse(captions=await batcher.submit_many(Work("caption", options(req)), images))
+            req = await s.body(request, schemas.CaptionRequest)
+            images = await decode_images(req.images, "images", s.images)
+            captions = await s.batcher.submit_many(Work("caption", s.options(req)), images)
+            return schemas.CaptionResponse(captions=captions)
 
-        return await within_timeout(go())
+        return await s.within_timeout(go())
 
-    @app.post("/v1/ask", response_model=schemas.AskResponse, openapi_extra=_body_doc(schemas.AskRequest, question_doc),
-              responses=ROUTE_ERRORS)
+    @app.post("/v1/ask", response_model=schemas.AskResponse,
+              openapi_extra=_body_doc(schemas.AskRequest, s.question_doc), responses=ROUTE_ERRORS)
     async def ask(request: Request) -> schemas.AskResponse:
         async def go():
-            req = await body(request, schemas.AskRequest)
-            images = await decode_images(req.images, "images", app.state.images)
+            req = await s.body(request, schemas.AskRequest)
+            images = await decode_images(req.images, "images", s.images)
             items = [(im, req.question) for im in images]
-            return schemas.AskResponse(answers=await batcher.submit_many(Work("ask", options(req)), items))
+            return schemas.AskResponse(answers=await s.batcher.submit_many(Work("ask", s.options(req)), items))
 
-        return await within_timeout(go())
+        return await s.within_timeout(go())
 
     async def embed_all(images: list[bytes], texts: list[str]) -> tuple[list, list]:
-        decoded = await decode_images(images, "images", app.state.images)
+        decoded = await decode_images(images, "images", s.images)
         return await asyncio.gather(
-            batcher.submit_many(Work("embed_image"), decoded), batcher.submit_many(Work("embed_text"), texts)
+            s.batcher.submit_many(Work("embed_image"), decoded), s.batcher.submit_many(Work("embed_text"), texts)
         )
 
     @app.post("/v1/embed", response_model=schemas.EmbedResponse, openapi_extra=_body_doc(schemas.EmbedRequest),
               responses=ROUTE_ERRORS)
     async def embed(request: Request) -> schemas.EmbedResponse:
         async def go():
-            req = await body(request, schemas.EmbedRequest)
+            req = await s.body(request, schemas.EmbedRequest)
             img, txt = await embed_all(req.images, req.texts)
             return schemas.EmbedResponse(image_embeddings=[e.tolist() for e in img],
                                          text_embeddings=[e.tolist() for e in txt])
 
-        return await within_timeout(go())
+        return await s.within_timeout(go())
 
     @app.post(
         "/v1/similarity", response_model=schemas.SimilarityResponse, openapi_extra=_body_doc(schemas.SimilarityRequest),
@@ -324,17 +351,22 @@ def create_app(
     )
     async def similarity(request: Request) -> schemas.SimilarityResponse:
         async def go():
-            req = await body(request, schemas.SimilarityRequest)
+            req = await s.body(request, schemas.SimilarityRequest)
             img, txt = await embed_all(req.images, req.texts)
             sim = torch.stack(img) @ torch.stack(txt).T  # (N_img, E) @ (E, N_txt): cosine, both L2-normed
             return schemas.SimilarityResponse(similarity=sim.tolist())
 
-        return await within_timeout(go())
+        return await s.within_timeout(go())
+
+
+def _add_stream_route(app: FastAPI, s: _Serving) -> None:
+    """POST /v1/ask/stream: one answer as server-sent events, at most `max_streams` generated at once."""
+    timeout_s = s.config.timeout_s
 
     @app.post(
         "/v1/ask/stream",
         response_class=StreamingResponse,
-        openapi_extra=_body_doc(schemas.AskStreamRequest, question_doc),
+        openapi_extra=_body_doc(schemas.AskStreamRequest, s.question_doc),
         responses={**ROUTE_ERRORS, 200: {"content": {"text/event-stream": {}},
                          "description": 'server-sent events: `data: {"text": piece}` per piece, then '
                                         '`event: done` with `{"answer": ...}`, or `event: error` with `{"detail": ...}`'}},
@@ -342,56 +374,15 @@ def create_app(
     async def ask_stream(request: Request) -> StreamingResponse:
         """Answer one question about one image, piece by piece as it is generated."""
         deadline = time.monotonic() + timeout_s
-        stop = threading.Event()
-        end = object()
-        held = False
-
-        def release() -> None:  # once: stops generate() and frees the stream slot
-            nonlocal held
-            stop.set()
-            if held:
-                held = False
-                streams[0].release()
+        slot = StreamSlot(s.streams)
 
         async def start() -> tuple[Iterator[str], object]:
-            nonlocal held
-            req = await body(request, schemas.AskStreamRequest)
-            (image,) = await decode_images([req.image], "image", app.state.images)
-            await streams[0].acquire()
-            held = True
-            # a response whose body is never read (client gone at once) must not keep the slot
-            asyncio.get_running_loop().call_later(timeout_s + 1, release)
-            try:
-                from transformers import StoppingCriteriaList
+            req = await s.body(request, schemas.AskStreamRequest)
+            (image,) = await decode_images([req.image], "image", s.images)
+            gen = {"stopping_criteria": slot.stopping_criteria(), "num_beams": 1,
+                   "max_new_tokens": req.max_new_tokens or s.defaults["max_new_tokens"]}
+            return await slot.start(lambda: s.pipeline.stream_answer(image, req.question, **gen), lambda: timeout_s)
 
-                gen = {"stopping_criteria": StoppingCriteriaList([_Cancel(stop)]), "num_beams": 1,
-                       "max_new_tokens": req.max_new_tokens or defaults["max_new_tokens"]}
-                pieces = await asyncio.to_thread(pipeline.stream_answer, image, req.question, **gen)
-                return pieces, await asyncio.to_thread(next, pieces, end)  # first piece: 504 if it is late
-            except BaseException:
-                release()
-                raise
-
-        pieces, first = await within_timeout(start())
-
-        async def events() -> AsyncIterator[str]:
-            answer, piece = "", first
-            try:
-                while piece is not end:
-                    answer += piece
-                    yield _sse({"text": piece})
-                    remaining = max(deadline - time.monotonic(), 0)
-                    piece = await asyncio.wait_for(asyncio.to_thread(next, pieces, end), remaining)
-                yield _sse({"answer": answer}, "done")
-            except asyncio.TimeoutError:
-                yield _sse({"detail": f"no full answer within {timeout_s:g} s"}, "error")
-            except Exception as err:  # the status line is sent; the error goes in the stream
-                log.exception("streaming answer failed")
-                yield _sse({"detail": f"generation failed ({type(err).__name__})"}, "error")
-            finally:
-                release()  # ends generate() early when the client went away or time ran out
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
-
-    app.include_router(openai_router(app, name, streams, defaults["max_new_tokens"]))
-    return app
+        pieces, first = await s.within_timeout(start())
+        return StreamingResponse(answer_events(pieces, first, slot, deadline, timeout_s),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-store"})

@@ -16,14 +16,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import logging
 import re
 import secrets
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from fastapi import APIRouter, FastAPI, HTTPException, Request
@@ -33,7 +32,7 @@ from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mmgpt.serve import schemas
-from mmgpt.serve.app import Work, _Cancel
+from mmgpt.serve.app import Work
 from mmgpt.serve.inputs import decode_images, parse_body
 from mmgpt.serve.openai_schemas import (
     ChatRequest,
@@ -46,6 +45,7 @@ from mmgpt.serve.openai_schemas import (
     generation,
     image_blob,
 )
+from mmgpt.serve.streaming import END, StreamSlot, next_piece, sse
 
 log = logging.getLogger(__name__)
 
@@ -201,11 +201,6 @@ def _json_body(model) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
-def _event(body: dict) -> str:
-    """One server-sent event carrying a JSON body."""
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-
 def _usage(prompt: int, completion: int, cached: int = 0) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
@@ -214,24 +209,26 @@ def _usage(prompt: int, completion: int, cached: int = 0) -> dict:
 # --- routes ------------------------------------------------------------------------------------------
 
 
-def openai_router(app: FastAPI, name: str, streams: list, default_tokens: int) -> APIRouter:
-    """The /v1 OpenAI routes over the app's pipeline, batcher, limits (app.state) and stream slots
-    (`streams[0]`, made in the app's lifespan); answers get `default_tokens` when a request names none."""
-    pipeline, batcher, config = app.state.pipeline, app.state.batcher, app.state.config
-    limits = getattr(app.state, "images", config.max_pixels)  # what decode_images checks (pixels, budgets)
-    router = APIRouter(prefix="/v1", route_class=_OpenAIRoute, tags=["OpenAI-compatible"])
-    started = int(time.time())
-    timeout_s = config.timeout_s
-    served = getattr(pipeline, "model", None)
-    # cross-attention reads config.max_images images; prefix fusion puts any number at their placeholders
-    max_images = (schemas.MAX_IMAGES if getattr(served, "uses_prefix", False)
-                  else int(getattr(getattr(served, "config", None), "max_images", 1) or 1))
+@dataclass
+class _OpenAIServing:
+    """What the OpenAI routes share: the app's pipeline, batcher and limits, the model card, the stream slots."""
 
-    def card() -> dict:
-        return {"id": name, "object": "model", "created": started, "owned_by": "mmgpt"}
+    name: str
+    pipeline: object
+    batcher: object
+    config: object  # the app's ServeConfig
+    limits: object  # what decode_images checks (pixels, budgets)
+    streams: list  # [asyncio.Semaphore], made in the app's lifespan
+    default_tokens: int  # what answers get when a request names no max_tokens
+    max_images: int  # images one conversation may hold
+    started: int = field(default_factory=lambda: int(time.time()))
 
-    async def within_timeout(coro, deadline: float | None = None):
+    def card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.started, "owned_by": "mmgpt"}
+
+    async def within_timeout(self, coro, deadline: float | None = None):
         """`coro`'s result, by `deadline` (time.monotonic(); default: timeout_s from now); errors as OpenAI's."""
+        timeout_s = self.config.timeout_s
         remaining = timeout_s if deadline is None else max(deadline - time.monotonic(), 0)
         try:
             return await asyncio.wait_for(coro, remaining)
@@ -243,16 +240,29 @@ def openai_router(app: FastAPI, name: str, streams: list, default_tokens: int) -
         except ValueError as err:  # the model or the conversation reader refused this input
             raise OpenAIError(400, str(err), "messages") from None
 
+
+def openai_router(app: FastAPI, name: str, streams: list, default_tokens: int) -> APIRouter:
+    """The /v1 OpenAI routes over the app's pipeline, batcher, limits (app.state) and stream slots
+    (`streams[0]`, made in the app's lifespan); answers get `default_tokens` when a request names none."""
+    pipeline, config = app.state.pipeline, app.state.config
+    served = getattr(pipeline, "model", None)
+    # cross-attention reads config.max_images images; prefix fusion puts any number at their placeholders
+    max_images = (schemas.MAX_IMAGES if getattr(served, "uses_prefix", False)
+                  else int(getattr(getattr(served, "config", None), "max_images", 1) or 1))
+    s = _OpenAIServing(name, pipeline, app.state.batcher, config, getattr(app.state, "images", config.max_pixels),
+                streams, default_tokens, max_images)
+    router = APIRouter(prefix="/v1", route_class=_OpenAIRoute, tags=["OpenAI-compatible"])
+
     @router.get("/models", responses=error_responses(401))
     async def models() -> dict:
-        return {"object": "list", "data": [card()]}
+        return {"object": "list", "data": [s.card()]}
 
     @router.get("/models/{model_id:path}", responses=error_responses(401, 404))
     async def model(model_id: str) -> dict:
         if model_id != name:
             raise OpenAIError(404, f"the model {model_id!r} is not served here; this server serves {name!r}",
                               "model", "model_not_found")
-        return card()
+        return s.card()
 
     @router.post("/chat/completions", openapi_extra=_json_body(ChatRequest), responses={
         **error_responses(400, 401, 413, 504),
@@ -261,139 +271,126 @@ def openai_router(app: FastAPI, name: str, streams: list, default_tokens: int) -
                              "`data: [DONE]`"}})
     async def chat_completions(request: Request):
         """OpenAI's chat completions: a whole answer (JSON) or, with `stream`, server-sent chunks."""
-        deadline = time.monotonic() + timeout_s  # one limit for the whole request, queueing included
-        req = await within_timeout(parse_body(request, ChatRequest, config.max_upload_bytes), deadline)
-        msgs = await within_timeout(conversation(req, limits, max_images), deadline)
-        gen = generation(req, default_tokens)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model or name}
-        if req.stream:
-            return await stream(req, msgs, gen, head, deadline)
-        work = Work("chat", tuple(sorted(gen.items())))
-        (turn,) = await within_timeout(batcher.submit_many(work, [msgs]), deadline)
-        text, stopped = cut_at_stop(turn.text, req.stop or [])
-        return {**head, "object": "chat.completion", "system_fingerprint": None,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                             "logprobs": None, "finish_reason": "stop" if stopped else turn.finish_reason}],
-                "usage": _usage(turn.prompt_tokens, turn.completion_tokens, turn.reused_tokens)}
-
-    async def stream(req: ChatRequest, msgs: list[dict], gen: dict, head: dict, deadline: float) -> StreamingResponse:
-        from transformers import StoppingCriteriaList
-
-        cancel = threading.Event()
-        end = object()
-        held = False
-        usage_too = bool(req.stream_options and req.stream_options.include_usage)
-
-        def release() -> None:  # once: stops generate() and frees the stream slot
-            nonlocal held
-            cancel.set()
-            if held:
-                held = False
-                streams[0].release()
-
-        def begin():
-            seed = gen.pop("seed", None)
-            if seed is not None:
-                torch.manual_seed(seed)  # best effort: other streams sample from the same generator
-            return pipeline.stream_chat(msgs, stopping_criteria=StoppingCriteriaList([_Cancel(cancel)]), **gen)
-
-        async def start():
-            nonlocal held
-            await streams[0].acquire()
-            held = True
-            asyncio.get_running_loop().call_later(max(deadline - time.monotonic(), 0) + 1, release)  # unread body
-            try:
-                pieces = await asyncio.to_thread(begin)
-                return pieces, await asyncio.to_thread(next, pieces, end)  # errors before the first byte: status
-            except BaseException:
-                release()
-                raise
-
-        pieces, first = await within_timeout(start(), deadline)
-
-        def chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
-            body = {**head, "object": "chat.completion.chunk", "system_fingerprint": None,
-                    "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
-                                                          "finish_reason": finish}]}
-            if usage_too:
-                body["usage"] = usage
-            return _event(body)
-
-        async def next_piece():
-            return await asyncio.wait_for(asyncio.to_thread(next, pieces, end), max(deadline - time.monotonic(), 0))
-
-        async def events() -> AsyncIterator[str]:
-            scanner, piece, stopped = StopScanner(req.stop or []), first, False
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                while piece is not end:
-                    text, stopped = scanner.feed(piece)
-                    if text:
-                        yield chunk({"content": text})
-                    if stopped:
-                        cancel.set()  # generate() ends at its next token
-                        break
-                    piece = await next_piece()
-                if not stopped and scanner.held:
-                    yield chunk({"content": scanner.held})
-                while piece is not end:  # what generate() made before it saw the cancel
-                    piece = await next_piece()
-                turn = getattr(pieces, "turn", None)  # a ChatStream knows its ChatTurn once it has ended
-                yield chunk({}, "stop" if stopped or turn is None else turn.finish_reason)
-                if usage_too and turn is not None:
-                    yield chunk(None, usage=_usage(turn.prompt_tokens, turn.completion_tokens, turn.reused_tokens))
-            except asyncio.TimeoutError:
-                yield _event(OpenAIError(504, f"no full answer within {timeout_s:g} s", code="timeout").body())
-            except Exception as err:  # the status line is sent; the error goes in the stream
-                log.exception("streamed chat answer failed")
-                yield _event(OpenAIError(500, f"generation failed ({type(err).__name__})").body())
-            finally:
-                release()  # ends generate() early when the client went away or time ran out
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+        return await _chat_completion(s, request)
 
     @router.post("/embeddings", openapi_extra=_json_body(EmbeddingRequest),
                  responses=error_responses(400, 401, 413, 504))
     async def embeddings(request: Request) -> dict:
         """OpenAI's embeddings: texts (and, an mmgpt extension, data-URL images) -> L2-normed vectors in one
         space, so text-image cosine similarities are dot products."""
-
-        async def go() -> dict:
-            req = await parse_body(request, EmbeddingRequest, config.max_upload_bytes)
-            items = [req.input] if isinstance(req.input, str) else req.input
-            if not items:
-                raise OpenAIError(400, "input: give at least one text", "input")
-            dim = pipeline.model.config.projection_dim
-            if req.dimensions not in (None, dim):
-                raise OpenAIError(400, f"dimensions: this model's embeddings have {dim}", "dimensions")
-            texts = [(i, t) for i, t in enumerate(items) if isinstance(t, str)]
-            pics = [(i, t) for i, t in enumerate(items) if not isinstance(t, str)]
-            if len(texts) > schemas.MAX_TEXTS or len(pics) > schemas.MAX_IMAGES:
-                raise OpenAIError(400, f"input: at most {schemas.MAX_TEXTS} texts and {schemas.MAX_IMAGES} "
-                                       "images per request", "input")
-            wheres = [f"input[{i}].image_url" for i, _ in pics]
-            blobs = [image_blob(p.image_url.url, w) for (_, p), w in zip(pics, wheres)]
-            images = await decode(blobs, wheres, limits)
-            img, txt = await asyncio.gather(batcher.submit_many(Work("embed_image"), images),
-                                            batcher.submit_many(Work("embed_text"), [t for _, t in texts]))
-            vectors = dict(zip([i for i, _ in pics], img)) | dict(zip([i for i, _ in texts], txt))
-            tokens = 0
-            if texts:
-                mask = pipeline.processor.batch_texts([t for _, t in texts])["attention_mask"]
-                tokens = int(mask.sum())
-
-            def encoded(v: torch.Tensor):
-                if req.encoding_format == "base64":  # little-endian float32, as OpenAI's API sends it
-                    return base64.b64encode(v.float().numpy().astype("<f4").tobytes()).decode()
-                return v.float().tolist()
-
-            return {"object": "list", "model": req.model or name,
-                    "data": [{"object": "embedding", "index": i, "embedding": encoded(vectors[i])}
-                             for i in range(len(items))],
-                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-
-        return await within_timeout(go())
+        return await s.within_timeout(_embeddings(s, request))
 
     return router
 
+
+async def _chat_completion(s: _OpenAIServing, request: Request):
+    """A chat.completion through the batcher, or the streamed chunks."""
+    deadline = time.monotonic() + s.config.timeout_s  # one limit for the whole request, queueing included
+    req = await s.within_timeout(parse_body(request, ChatRequest, s.config.max_upload_bytes), deadline)
+    msgs = await s.within_timeout(conversation(req, s.limits, s.max_images), deadline)
+    gen = generation(req, s.default_tokens)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model or s.name}
+    if req.stream:
+        return await _stream(s, req, msgs, gen, head, deadline)
+    work = Work("chat", tuple(sorted(gen.items())))
+    (turn,) = await s.within_timeout(s.batcher.submit_many(work, [msgs]), deadline)
+    text, stopped = cut_at_stop(turn.text, req.stop or [])
+    return {**head, "object": "chat.completion", "system_fingerprint": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                         "logprobs": None, "finish_reason": "stop" if stopped else turn.finish_reason}],
+            "usage": _usage(turn.prompt_tokens, turn.completion_tokens, turn.reused_tokens)}
+
+
+async def _stream(s: _OpenAIServing, req: ChatRequest, msgs: list[dict], gen: dict, head: dict,
+                  deadline: float) -> StreamingResponse:
+    """The answer as server-sent chat.completion.chunk events, generated on its own thread in a stream slot."""
+    slot = StreamSlot(s.streams)
+
+    def begin():
+        seed = gen.pop("seed", None)
+        if seed is not None:
+            torch.manual_seed(seed)  # best effort: other streams sample from the same generator
+        return s.pipeline.stream_chat(msgs, stopping_criteria=slot.stopping_criteria(), **gen)
+
+    start = slot.start(begin, unread_s=lambda: max(deadline - time.monotonic(), 0))
+    pieces, first = await s.within_timeout(start, deadline)
+    return StreamingResponse(_chunks(s, req, head, slot, pieces, first, deadline), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store"})
+
+
+async def _chunks(s: _OpenAIServing, req: ChatRequest, head: dict, slot: StreamSlot, pieces, first,
+                  deadline: float) -> AsyncIterator[str]:
+    """The events of a streamed answer: the role, the text (cut at a stop string), the finish reason, the
+    usage when asked for, `data: [DONE]`; errors after the status line go in the stream."""
+    usage_too = bool(req.stream_options and req.stream_options.include_usage)
+
+    def chunk(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
+        body = {**head, "object": "chat.completion.chunk", "system_fingerprint": None,
+                "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+                                                      "finish_reason": finish}]}
+        if usage_too:
+            body["usage"] = usage
+        return sse(body)
+
+    scanner, piece, stopped = StopScanner(req.stop or []), first, False
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while piece is not END:
+            text, stopped = scanner.feed(piece)
+            if text:
+                yield chunk({"content": text})
+            if stopped:
+                slot.cancel.set()  # generate() ends at its next token
+                break
+            piece = await next_piece(pieces, deadline)
+        if not stopped and scanner.held:
+            yield chunk({"content": scanner.held})
+        while piece is not END:  # what generate() made before it saw the cancel
+            piece = await next_piece(pieces, deadline)
+        turn = getattr(pieces, "turn", None)  # a ChatStream knows its ChatTurn once it has ended
+        yield chunk({}, "stop" if stopped or turn is None else turn.finish_reason)
+        if usage_too and turn is not None:
+            yield chunk(None, usage=_usage(turn.prompt_tokens, turn.completion_tokens, turn.reused_tokens))
+    except asyncio.TimeoutError:
+        yield sse(OpenAIError(504, f"no full answer within {s.config.timeout_s:g} s", code="timeout").body())
+    except Exception as err:  # the status line is sent; the error goes in the stream
+        log.exception("streamed chat answer failed")
+        yield sse(OpenAIError(500, f"generation failed ({type(err).__name__})").body())
+    finally:
+        slot.release()  # ends generate() early when the client went away or time ran out
+    yield "data: [DONE]\n\n"
+
+
+async def _embeddings(s: _OpenAIServing, request: Request) -> dict:
+    """OpenAI's embeddings list for texts and data-URL images, through the batcher."""
+    req = await parse_body(request, EmbeddingRequest, s.config.max_upload_bytes)
+    items = [req.input] if isinstance(req.input, str) else req.input
+    if not items:
+        raise OpenAIError(400, "input: give at least one text", "input")
+    dim = s.pipeline.model.config.projection_dim
+    if req.dimensions not in (None, dim):
+        raise OpenAIError(400, f"dimensions: this model's embeddings have {dim}", "dimensions")
+    texts = [(i, t) for i, t in enumerate(items) if isinstance(t, str)]
+    pics = [(i, t) for i, t in enumerate(items) if not isinstance(t, str)]
+    if len(texts) > schemas.MAX_TEXTS or len(pics) > schemas.MAX_IMAGES:
+        raise OpenAIError(400, f"input: at most {schemas.MAX_TEXTS} texts and {schemas.MAX_IMAGES} "
+                               "images per request", "input")
+    wheres = [f"input[{i}].image_url" for i, _ in pics]
+    blobs = [image_blob(p.image_url.url, w) for (_, p), w in zip(pics, wheres)]
+    images = await decode(blobs, wheres, s.limits)
+    img, txt = await asyncio.gather(s.batcher.submit_many(Work("embed_image"), images),
+                                    s.batcher.submit_many(Work("embed_text"), [t for _, t in texts]))
+    vectors = dict(zip([i for i, _ in pics], img)) | dict(zip([i for i, _ in texts], txt))
+    tokens = 0
+    if texts:
+        mask = s.pipeline.processor.batch_texts([t for _, t in texts])["attention_mask"]
+        tokens = int(mask.sum())
+
+    def encoded(v: torch.Tensor):
+        if req.encoding_format == "base64":  # little-endian float32, as OpenAI's API sends it
+            return base64.b64encode(v.float().numpy().astype("<f4").tobytes()).decode()
+        return v.float().tolist()
+
+    return {"object": "list", "model": req.model or s.name,
+            "data": [{"object": "embedding", "index": i, "embedding": encoded(vectors[i])} for i in range(len(items))],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
