@@ -11,6 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 FENCE = re.compile(r"^```(\w*)([^\n]*)\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
+ENDS = ("|", "||", "&&", ";")  # what ends one command of a shell line
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
@@ -45,25 +46,15 @@ def broken_links(path: Path) -> list[str]:
             continue
         file, _, anchor = target.partition("#")
         dest = (path.parent / file).resolve() if file else path
-        if not dest.exists():
-            bad.append(target)
-        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+        if not dest.exists() or (anchor and dest.suffix == ".md" and anchor not in anchors(dest)):
             bad.append(target)
     return bad
 
 
 def shell_lines(code: str) -> list[str]:
-    """The logical lines of a shell block: continuations joined, comments and blank lines dropped."""
-    out = []
-    for line in code.replace("\\\n", " ").splitlines():
-        words = shlex.shlex(line, posix=True, punctuation_chars=True)
-        words.whitespace_split = True
-        try:
-            if list(words):
-                out.append(line)
-        except ValueError:  # an unbalanced quote: keep it, the caller's split says where
-            out.append(line)
-    return out
+    """The logical lines of a shell block: continuations joined, comment-only and blank lines dropped."""
+    lines = code.replace("\\\n", " ").splitlines()
+    return [line for line in lines if line.strip() and not line.strip().startswith("#")]
 
 
 def commands(code: str, program: str = "mmgpt") -> list[list[str]]:
@@ -75,10 +66,10 @@ def commands(code: str, program: str = "mmgpt") -> list[list[str]]:
         lexer.whitespace_split = True
         words = list(lexer)
         for i, word in enumerate(words):
-            if word.rsplit("/", 1)[-1] == program and (i == 0 or "=" in words[i - 1] or words[i - 1] in "|&&;"):
+            if word.rsplit("/", 1)[-1] == program and (i == 0 or "=" in words[i - 1] or words[i - 1] in ENDS):
                 args = []
                 for w in words[i + 1:]:
-                    if w in ("|", "&&", ";", "||", ">", "2>"):
+                    if w in ENDS or w in (">", "2>"):
                         break
                     args.append(w)
                 found.append(args)

@@ -149,6 +149,32 @@ def test_readme_runs_in_order(workdir, monkeypatch, quiet_and_one_thread, capsys
     assert elapsed < 120, f"the README took {elapsed:.0f} s"
 
 
+@pytest.mark.parametrize("name", ["using.md", "models.md"])
+def test_docs_python_blocks_run(name, workdir, monkeypatch, quiet_and_one_thread):
+    """The reference pages' ```python blocks, in order in one namespace per page, beside the files they name
+    (a.png, b.png, c.png, query.png, photo.png, photos/): they show calls as a reader writes them."""
+    from train.data import render, sample_scene
+
+    monkeypatch.chdir(workdir)
+    (workdir / "photos").mkdir(exist_ok=True)
+    for i, name_ in enumerate(["a.png", "b.png", "c.png", "query.png", "photo.png", *(f"photos/{k}.png" for k in range(4))]):
+        render(sample_scene(100 + i)).save(workdir / name_)
+    namespace: dict = {"__name__": name}
+    for line, lang, _, code in fences(ROOT / "docs" / name):
+        if lang == "python":
+            try:
+                exec(compile(code, name, "exec"), namespace)  # noqa: S102 - our own docs
+            except Exception as err:
+                raise AssertionError(f"the ```python block at docs/{name} line {line} failed: {err!r}") from err
+
+
+def test_docs_python_blocks_compile():
+    for page in PAGES:
+        for line, lang, _, code in fences(page):
+            if lang == "python":
+                compile(code, f"{page.name}:{line}", "exec")
+
+
 def test_readme_mmgpt_commands_parse():
     from mmgpt.cli import build_parser
 
