@@ -484,7 +484,9 @@ def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_
 
     out = torch.empty(b, total, dtype=input_ids.dtype, device=dev)
     out[:, :p] = input_ids
-    n = _token_loop(prompt_step(input_ids), step, out, p, max_new_tokens, min_new_tokens, eos_token_id, pad_token_id,
+    # A one-token prompt (a caption's BOS) is one step at position 0: the C step where it runs.
+    first = c_step(wte[input_ids[:, 0]] + pos_emb[:, 0], 0) if c_step is not None and p == 1 else prompt_step(input_ids)
+    n = _token_loop(first, step, out, p, max_new_tokens, min_new_tokens, eos_token_id, pad_token_id,
                     warpers, watch, model.__dict__["_fastgen_plans"].serial_step, neg)
     return out[:, : p + n + 1]
 
