@@ -22,7 +22,7 @@ import threading
 import time
 
 import pytest
-from _docs import DOCS, ROOT, broken_links, commands, fences, train_calls, unknown_flags
+from _docs import DOCS, FENCE, ROOT, broken_links, commands, fences, train_calls, unknown_flags
 
 README = ROOT / "README.md"
 PAGES = [README, *DOCS]
@@ -194,6 +194,11 @@ def test_docs_mmgpt_flags_exist(page):
         if lang in ("bash", "sh", "shell"):
             for args in commands(code):
                 assert not unknown_flags(args), f"{page.name} line {line}: mmgpt {' '.join(args)}: {unknown_flags(args)}"
+    prose = FENCE.sub("", page.read_text(encoding="utf-8"))
+    inline = re.findall(r"`((?:\.venv/bin/)?mmgpt [^`]+)`", prose)
+    for span in inline:  # `mmgpt serve MODEL --index INDEX` in the text
+        for args in commands(span):
+            assert not unknown_flags(args), f"{page.name}: `{span}`: {unknown_flags(args)}"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
