@@ -68,7 +68,7 @@ class MMGPTHFProcessor(ProcessorMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> MMGPTHFProcessor:
         """A model folder or hub id (hub and dtype keywords that transformers passes along are ignored)."""
-        from mmgpt.api import resolve_model_folder
+        from mmgpt.folders import resolve_model_folder
 
         folder = resolve_model_folder(pretrained_model_name_or_path)
         return cls(mmgpt_processor=MMGPTProcessor.from_pretrained(folder))
@@ -151,7 +151,7 @@ class MMGPTImageProcessor(BaseImageProcessor):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> MMGPTImageProcessor:
-        from mmgpt.api import resolve_model_folder
+        from mmgpt.folders import resolve_model_folder
 
         return cls(MMGPTProcessor.from_pretrained(resolve_model_folder(pretrained_model_name_or_path)))
 
