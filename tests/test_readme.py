@@ -149,7 +149,7 @@ def test_readme_runs_in_order(workdir, monkeypatch, quiet_and_one_thread, capsys
     assert elapsed < 120, f"the README took {elapsed:.0f} s"
 
 
-@pytest.mark.parametrize("name", ["using.md", "models.md"])
+@pytest.mark.parametrize("name", ["using.md", "models.md", "data.md"])
 def test_docs_python_blocks_run(name, workdir, monkeypatch, quiet_and_one_thread):
     """The reference pages' ```python blocks, in order in one namespace per page, beside the files they name
     (a.png, b.png, c.png, query.png, photo.png, photos/): they show calls as a reader writes them."""
