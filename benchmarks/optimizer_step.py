@@ -17,9 +17,9 @@ import torch
 
 from train.collate import Collator
 from train.config import load_config
-from train.loop import build_model_for, build_sources
 from train.optim import MuonAdamW
 from train.parts import param_groups
+from train.run_setup import build_model_for, build_sources
 
 RECIPE = "configs/train/shapes-tiny.yaml"
 

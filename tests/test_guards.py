@@ -55,7 +55,7 @@ def test_overrides_that_differ_from_the_model_in_model_path_are_named(tmp_path, 
         rc = main([*SMALL, f"output_dir={tmp_path / 'second'}", "max_steps=1", f"model.path={first / 'model'}",
                    "model.overrides.adapter.type=resampler"])
     assert rc == 0
-    from train.loop import _differences
+    from train.run_setup import _differences
 
     same = {"vision": {"image_mean": (0.5, 0.5, 0.5)}, "fusion": None}  # a tuple and a default say no change
     assert _differences(same, {"vision": {"image_mean": [0.5, 0.5, 0.5]}, "fusion": "cross_attention"}) == []

@@ -393,14 +393,14 @@ def test_checkpoint_files_are_fsynced_before_the_rename(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_at_export_keeps_log_and_model_consistent(tmp_path, monkeypatch, capsys):
-    import train.loop
+    import train.run_outputs
 
     def export(model, processor, path, lora):
         Path(path).mkdir(parents=True)
         (Path(path) / "config.json").write_text("{}")
         raise no_space(Path(path) / "model.safetensors")
 
-    monkeypatch.setattr(train.loop, "export_model", export)
+    monkeypatch.setattr(train.run_outputs, "export_model", export)
     out = tmp_path / "run"
     assert train_main([*SMALL, f"output_dir={out}", "checkpoint_every=4", "max_steps=6", "log_every=1"]) == 2
     err = capsys.readouterr().err

@@ -123,7 +123,7 @@ def test_upsampled_sources_take_weight_times_their_size():
 
 
 def test_a_mixture_with_a_stream_draws_in_proportion_to_the_weights(tmp_path):
-    from train.loop import build_sources
+    from train.run_setup import build_sources
 
     mix = build_sources(f"shapes:train:50::wds:{_shards(tmp_path, 2, 40)}", seed=3)
     mix.weights = [1.0, 3.0]
@@ -138,18 +138,18 @@ def test_a_mixture_with_a_stream_draws_in_proportion_to_the_weights(tmp_path):
 
 
 def test_a_stopped_and_resumed_mixture_reads_the_records_of_an_uninterrupted_run(tmp_path, monkeypatch):
-    import train.loop
+    import train.run_setup
     from train.main import main
 
     seen: list[list[str]] = []
 
-    class Recording(train.loop.Collator):
+    class Recording(train.run_setup.Collator):
         def __call__(self, items):
             seen.append([r["target"] for it in items for r in (it if isinstance(it, list) else [it])
                          if isinstance(r, dict)])
             return super().__call__(items)
 
-    monkeypatch.setattr(train.loop, "Collator", Recording)
+    monkeypatch.setattr(train.run_setup, "Collator", Recording)
     common = [str(ROOT / "configs/train/shapes-tiny.yaml"), "data.num_workers=0", "batch_size=4", "log_every=1",
               # a constant learning rate: the stopped run (max_steps=3) has the schedule of the whole one
               "progress=false", "optim.warmup_steps=0", "optim.min_lr_ratio=1", "deterministic=true",
