@@ -20,6 +20,7 @@ import torch
 
 from mmgpt.conversation import ConversationError, normalize
 from mmgpt.processor import image_slots
+from mmgpt.speed.decode import KeptCache
 
 
 @dataclass
@@ -132,7 +133,10 @@ class ChatEngine:
         vl, model = self.vl, self.vl.model
         gen = vl._gen_kwargs(gen)
         ids, pixels, digest = self._prepare(messages, images, gen)
+        fast = self._fast(gen)
         kept, reuse = self._take(digest, ids) if gen.get("num_beams", 1) == 1 else (None, 0)
+        if kept is not None and isinstance(kept.cache, KeptCache) != fast:  # kept by the other loop: start over
+            kept, reuse = None, 0
         with torch.inference_mode():
             if kept is None:
                 slots = image_slots([pixels.shape[0]]).to(vl.device)
@@ -140,23 +144,52 @@ class ChatEngine:
                 cache = None
             else:
                 memory, memory_mask, cache = kept.memory, kept.memory_mask, kept.cache
-            input_ids = torch.tensor([ids], device=vl.device)
-            out = model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), encoder_hidden_states=memory,
-                memory_mask=memory_mask, cache=cache, return_dict_in_generate=True, streamer=streamer, fast=False,
-                **gen)  # GenerationMixin: it hands back the cache to keep
-        seq = out.sequences[0].tolist()
+            fast = fast and (memory_mask is None or bool(memory_mask.all()))  # the fast loop reads every image token
+            if fast:
+                seq, cache = self._fast_generate(ids, memory, cache, reuse, gen, streamer)
+            else:
+                input_ids = torch.tensor([ids], device=vl.device)
+                out = model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), encoder_hidden_states=memory,
+                    memory_mask=memory_mask, cache=cache, return_dict_in_generate=True, streamer=streamer,
+                    fast=False, **gen)  # GenerationMixin: it hands back the cache to keep
+                seq, cache = out.sequences[0].tolist(), out.cache
         new = seq[len(ids):]
         eos = vl.processor.eos_id
         finished = eos in new
-        if out.cache is not None:
-            self._put(digest, _Kept(ids=seq, cache=out.cache, memory=memory, memory_mask=memory_mask))
+        if cache is not None:
+            self._put(digest, _Kept(ids=seq, cache=cache, memory=memory, memory_mask=memory_mask))
         turn = ChatTurn(text=vl.processor.decode(new), prompt_tokens=len(ids), reused_tokens=reuse,
                         completion_tokens=(new.index(eos) + 1) if finished else len(new),
                         images_encoded=0 if kept is not None else pixels.shape[0],
                         finish_reason="stop" if finished else "length")
         self.last = turn
         return turn
+
+    def _fast(self, gen: dict) -> bool:
+        """Whether this answer takes the fast decoding loop (`mmgpt.speed.decode`): greedy or plain sampling
+        on a cross-attention GPT-2 decoder, as `generate` decides."""
+        model = self.vl.model
+        return not getattr(model, "uses_prefix", False) and model._can_use_fast_path(dict(gen))
+
+    def _fast_generate(self, ids: list[int], memory, kept_cache, reuse: int, gen: dict, streamer):
+        """The answer through the fast loop, fed only the tokens after the `reuse` kept ones;
+        -> (the conversation's tokens with the answer, the KeptCache to keep)."""
+        from mmgpt.speed.decode import greedy_generate, sampling_warpers
+
+        model, dev = self.vl.model, self.vl.device
+        gc = model.generation_config
+        gen = dict(gen)
+        model._fit_positions(torch.ones(1, len(ids), dtype=torch.long), memory.shape[1], gen)  # cuts max_new_tokens
+        new_ids = torch.tensor([ids[reuse:]], device=dev)
+        eos = gen.get("eos_token_id", gc.eos_token_id)
+        pad = gen.get("pad_token_id", gc.pad_token_id)
+        out, cache = greedy_generate(
+            model, memory, new_ids, torch.ones_like(new_ids), int(gen["max_new_tokens"]), eos_token_id=eos,
+            pad_token_id=eos if pad is None else pad, min_new_tokens=int(gen.get("min_new_tokens") or 0),
+            warpers=sampling_warpers(gen, gc) if gen.get("do_sample", gc.do_sample) else None,
+            past=kept_cache, streamer=streamer, keep=True)
+        return ids + out[0, new_ids.shape[1]:].tolist(), cache
 
     def chat(self, messages, images=None, **gen) -> str:
         return self._generate(messages, images, gen).text

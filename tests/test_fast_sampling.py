@@ -84,3 +84,38 @@ def test_sampling_options_the_fast_path_lacks_go_to_generation_mixin(setup, monk
     _generate(model, px, ids, mask, 0, typical_p=0.9)
     monkeypatch.setattr(model.generation_config, "min_p", 0.1)
     _generate(model, px, ids, mask, 0)
+
+
+def test_chat_follow_ups_take_the_fast_loop_with_the_kept_past(monkeypatch):
+    """A conversation's turns through `vl.chat` run the fast loop, the later ones fed only their new tokens
+    (the kept keys and values of the earlier ones); greedy and seeded sampling give GenerationMixin's tokens
+    for the whole conversation without any cache, and streaming gives the same text."""
+    from test_chat import _image, _model
+
+    from mmgpt.api import VisionLanguagePipeline
+    from mmgpt.conversation import normalize
+    from mmgpt.processor import image_slots
+
+    model, proc = _model("cross", seed=3)
+    vl = VisionLanguagePipeline(model, proc, device="cpu")
+    pasts = []
+    real = fastgen.greedy_generate
+    monkeypatch.setattr(fastgen, "greedy_generate", lambda *a, **k: pasts.append(k.get("past")) or real(*a, **k))
+    conv = [{"role": "user", "content": [{"type": "image", "image": _image(1)}, {"type": "image", "image": _image(2)},
+                                         {"type": "text", "text": "which image has a triangle?"}]}]
+    for turn, (follow, sample) in enumerate([("what color is it?", {}), ("and its size?", {"do_sample": True,
+                                             "temperature": 0.8, "top_p": 0.9}), (None, {})]):
+        torch.manual_seed(turn)
+        answer = vl.chat(conv, max_new_tokens=5, **sample)
+        msgs, imgs = normalize(conv)
+        ids = torch.tensor([proc.encode_conversation(msgs, add_generation_prompt=True, max_length=1 << 30)[0]])
+        torch.manual_seed(turn)
+        ref = model.generate(pixel_values=proc.pixel_values(imgs), image_slots=image_slots([len(imgs)]), input_ids=ids,
+                             attention_mask=torch.ones_like(ids), max_new_tokens=5, fast=False, use_cache=False,
+                             **sample)
+        assert answer == proc.decode(ref[0, ids.shape[1]:]), turn
+        assert (pasts[-1] is None) == (turn == 0) and vl.chats.last.reused_tokens > 0 or turn == 0
+        if follow:
+            conv = conv + [{"role": "assistant", "content": answer}, {"role": "user", "content": follow}]
+    assert len(pasts) == 3
+    assert "".join(vl.stream_chat(conv, max_new_tokens=5)) == vl.chat(conv, max_new_tokens=5)

@@ -41,6 +41,12 @@ decoder weights and the LM head, through about twenty small ops per layer. So:
   therefore decodes on one thread when `mmgpt.speed.threads.cores_free` says the other cores are
   busy, and moves to one thread mid-call when a step takes 3x the call's fastest, or 1.5x the
   fastest one-thread step seen at that batch size.
+- Where the kernels build, the whole one-token step is one C call (`mmgpt_decode_step` in
+  rows_linear.c: norms, products, cache writes, one-query attention, GELU, LM head), instead of
+  ~20 torch ops per layer; the torch step above is its fallback and its reference (tested against
+  the model's forward logits). A one-token prompt (a caption's BOS) is such a step too.
+- Conversations (`mmgpt.chat`) keep each answer's keys and values (`KeptCache`): a follow-up turn
+  feeds only its new tokens (`past=`), and streams through a transformers streamer (`streamer=`).
 Everything stays fp32.
 """
 
@@ -351,8 +357,16 @@ def greedy_generate(
     min_new_tokens: int = 0,
     threads: str | None = None,
     warpers=None,
-) -> torch.Tensor:
+    past: KeptCache | None = None,
+    streamer=None,
+    keep: bool = False,
+):
     """memory (B, K, Dt); input_ids, attention_mask (B, P) left-padded -> (B, P + new) like generate().
+
+    `past` (one row, no padding): the kept state of a conversation's earlier tokens (`keep=True` of an
+    earlier call, perhaps cropped); input_ids are then the tokens after them. `keep`: also return the
+    `KeptCache` of this call ((B, P + new), cache). `streamer`: a transformers streamer (one row) that
+    gets the prompt, then each token as it is chosen, as GenerationMixin feeds it.
 
     `warpers` (a LogitsProcessorList, `sampling_warpers`): sample each token from the warped logits
     with torch.multinomial, as GenerationMixin's sampling does; None: greedy.
@@ -372,7 +386,24 @@ def greedy_generate(
     split = b == 1 and dev.type == "cpu" and n_threads >= 2 and threads != "serial"
     with one_thread(threads == "serial"):
         return _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
-                       min_new_tokens, split, watch=auto and threads != "serial", warpers=warpers)
+                       min_new_tokens, split, watch=auto and threads != "serial", warpers=warpers, past=past,
+                       streamer=streamer, keep=keep)
+
+
+class KeptCache:
+    """The fast loop's state after a call, for a conversation's next turn (`mmgpt.chat`): the
+    self-attention keys and values of the first `length` tokens, (L, 2, 1, H, T, hd), and the
+    cross-attention keys and values of its images. `get_seq_length` / `crop` as transformers' caches."""
+
+    def __init__(self, kv: torch.Tensor, length: int, cross_kv: dict):
+        self.kv, self.length, self.cross_kv = kv, length, cross_kv
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first `max_length` tokens (a negative count: drop that many), as DynamicCache.crop."""
+        self.length = min(self.length, max_length if max_length >= 0 else self.length + max_length)
 
 
 def _cross_kv(plan, memory: torch.Tensor) -> dict:
@@ -392,25 +423,30 @@ def _cross_kv(plan, memory: torch.Tensor) -> dict:
 
 
 def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
-            min_new_tokens, split: bool, watch: bool, warpers=None) -> torch.Tensor:
+            min_new_tokens, split: bool, watch: bool, warpers=None, past=None, streamer=None, keep=False):
     tr = model.decoder.transformer
     b, p = input_ids.shape
+    p0 = 0 if past is None else past.length  # tokens whose keys and values are kept
+    if past is not None and (b != 1 or not bool(attention_mask.all())):
+        raise ValueError("a kept past takes one row without padding")
     dev = input_ids.device
     plan = _plan(model, split, rows=b > 1)
     n_head, d = plan.n_head, plan.d
     blocks = plan.blocks
     hd = d // n_head
-    total = p + max_new_tokens
+    total = p0 + p + max_new_tokens
     dtype = tr.wte.weight.dtype
     kv_cache = torch.zeros(len(blocks), 2, b, n_head, total, hd, dtype=dtype, device=dev)  # (L, 2, B, H, T, hd)
+    if p0:
+        kv_cache[..., :p0, :] = past.kv[..., :p0, :]
     k_all, v_all = kv_cache[:, 0], kv_cache[:, 1]  # (L, B, H, T, hd) each
     # Per layer, (B*H, T, hd) views of the cache for the one-token steps' batched products.
     k_rows = [k_all[i].view(b * n_head, total, hd) for i in range(len(blocks))]
     v_rows = [v_all[i].view(b * n_head, total, hd) for i in range(len(blocks))]
     n_mem = memory.shape[1]
-    cross_kv = _cross_kv(plan, memory)
+    cross_kv = past.cross_kv if past is not None else _cross_kv(plan, memory)
     mask = torch.ones(b, total, dtype=torch.long, device=dev)
-    mask[:, :p] = attention_mask  # generated positions are always attended to, as in generate()
+    mask[:, p0:p0 + p] = attention_mask  # generated positions are always attended to, as in generate()
     padded = not bool(attention_mask.all())
     pos_all = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     neg = torch.finfo(dtype).min
@@ -435,17 +471,19 @@ def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_
 
     def prompt_step(ids: torch.Tensor) -> torch.Tensor:
         t = ids.shape[1]
-        h = (wte[ids] + pos_emb[:, :t]).view(b * t, d)  # (B*t, D)
+        end = p0 + t  # the prompt's tokens follow the kept ones
+        h = (wte[ids] + pos_emb[:, p0:end]).view(b * t, d)  # (B*t, D)
         attn_mask = None
         if padded or t > 1:
-            q_pos = torch.arange(t, device=dev).view(-1, 1)
-            allowed = (q_pos >= q_pos.view(1, -1)).unsqueeze(0) & mask[:, None, :t].bool()  # (B, t, t)
+            q_pos = torch.arange(p0, end, device=dev).view(-1, 1)
+            k_pos = torch.arange(end, device=dev).view(1, -1)
+            allowed = (q_pos >= k_pos).unsqueeze(0) & mask[:, None, :end].bool()  # (B, t, end)
             attn_mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, neg).unsqueeze(1)
         for i, blk in enumerate(plan.blocks):
             q, k, v = blk["qkv"](blk["ln_1"](h)).split(d, dim=1)  # (B*t, D) each
-            k_all[i, :, :, :t] = _heads(k, b, n_head)
-            v_all[i, :, :, :t] = _heads(v, b, n_head)
-            o = F.scaled_dot_product_attention(_heads(q, b, n_head), k_all[i, :, :, :t], v_all[i, :, :, :t],
+            k_all[i, :, :, p0:end] = _heads(k, b, n_head)
+            v_all[i, :, :, p0:end] = _heads(v, b, n_head)
+            o = F.scaled_dot_product_attention(_heads(q, b, n_head), k_all[i, :, :, :end], v_all[i, :, :, :end],
                                                attn_mask=attn_mask, scale=blk["scale"])  # (B, H, t, hd)
             h = h + blk["proj"](o.transpose(1, 2).reshape(b * t, d))
             c = blk["cross"]
@@ -484,15 +522,23 @@ def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_
 
     out = torch.empty(b, total, dtype=input_ids.dtype, device=dev)
     out[:, :p] = input_ids
-    # A one-token prompt (a caption's BOS) is one step at position 0: the C step where it runs.
-    first = c_step(wte[input_ids[:, 0]] + pos_emb[:, 0], 0) if c_step is not None and p == 1 else prompt_step(input_ids)
-    n = _token_loop(first, step, out, p, max_new_tokens, min_new_tokens, eos_token_id, pad_token_id,
-                    warpers, watch, model.__dict__["_fastgen_plans"].serial_step, neg)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    # A one-token prompt (a caption's BOS) is one step: the C step where it runs.
+    first = c_step(wte[input_ids[:, 0]] + pos_emb[:, p0], p0) if c_step is not None and p == 1 \
+        else prompt_step(input_ids)
+    n = _token_loop(first, lambda nxt, pos, serial: step(nxt, p0 + pos, serial), out, p, max_new_tokens,
+                    min_new_tokens, eos_token_id, pad_token_id, warpers, watch,
+                    model.__dict__["_fastgen_plans"].serial_step, neg, streamer)
+    if streamer is not None:
+        streamer.end()
+    if keep:  # every token but the last has its keys and values in the cache
+        return out[:, : p + n + 1], KeptCache(kv_cache, p0 + p + n, cross_kv)
     return out[:, : p + n + 1]
 
 
 def _token_loop(logits, step, out, p: int, max_new_tokens: int, min_new_tokens: int, eos_token_id, pad_token_id,
-                warpers, watch: bool, timings: dict, neg: float) -> int:
+                warpers, watch: bool, timings: dict, neg: float, streamer=None) -> int:
     """Choose each token from the last logits (greedy, or sampled through `warpers`), write it into
     `out` at p + n, and run `step` for the next logits, until max_new_tokens or every row ended;
     returns the index n of the last token written. On a watched call a step that takes 3x the call's
@@ -512,6 +558,8 @@ def _token_loop(logits, step, out, p: int, max_new_tokens: int, min_new_tokens: 
         if eos_token_id is not None:
             nxt = torch.where(done, pad_token_id, nxt)
         out[:, p + n] = nxt
+        if streamer is not None:
+            streamer.put(nxt.cpu())
         if eos_token_id is not None:
             done |= nxt == eos_token_id
             if bool(done.all()):
