@@ -7,7 +7,7 @@ The decoder of `make bench`'s small size (6 blocks of width 384 with cross-atten
 tokens) holds 62 MB of fp32 weights that every new token reads once: 37 products of one row. Prints, per
 kernel, milliseconds for all 37 products and the GB/s at which that reads the weights (medians of
 interleaved rounds), then the GB/s of a plain sum over 256 MB (what memory can stream) and of a sum over
-7 MB (what the 32 MB L3 cache can feed). Writes nothing; the README's Performance section quotes a run.
+7 MB (what the 32 MB L3 cache can feed). Writes nothing; docs/performance.md quotes a run.
 """
 
 from __future__ import annotations

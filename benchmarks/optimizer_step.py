@@ -4,7 +4,7 @@
 
 Prints the median milliseconds of `optimizer.step()` alone and of the whole step (forward, backward,
 step) for each, and Muon's ratio to AdamW. fp32, the demo's batch (32 images, a caption and 3
-questions each). Writes nothing; the README's demo section quotes a run of it.
+questions each). Writes nothing; docs/training.md (Muon) quotes a run of it.
 """
 
 from __future__ import annotations
