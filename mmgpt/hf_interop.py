@@ -75,7 +75,7 @@ class MMGPTHFProcessor(ProcessorMixin):
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         if push_to_hub:
-            raise ValueError("push_to_hub: save the folder, then upload it with `hf upload` (docs/models.md, "The Hub")")
+            raise ValueError("push_to_hub: save the folder, then upload it with `hf upload` (docs/models.md, The Hub)")
         self.mmgpt_processor.save_pretrained(Path(save_directory))
         return [os.fspath(save_directory)]
 
