@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from mmgpt.speed import kernels
-from mmgpt.speed.decode import _linear, _packed_linear, _split_linear
+from mmgpt.speed.plan import linear as _linear
+from mmgpt.speed.plan import packed_linear as _packed_linear
+from mmgpt.speed.plan import split_linear as _split_linear
 
 D, LAYERS, VOCAB = 384, 6, 8000
 

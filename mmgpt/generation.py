@@ -61,7 +61,7 @@ class MMGPTGenerationMixin(GenerationMixin):
 
         if self.uses_prefix:  # the fast loop reads GPT-2's cross-attention blocks
             return False
-        tr = self.decoder.transformer  # LoRA on the blocks is folded in (fastgen._wb); on these it is not
+        tr = self.decoder.transformer  # LoRA on the blocks is folded in (mmgpt.speed.plan.weight_and_bias); on these it is not
         if type(self.decoder.lm_head) is not nn.Linear or type(tr.wte) is not nn.Embedding:
             return False
         if kwargs.get("fast") is False or self.training or not kwargs.get("max_new_tokens"):

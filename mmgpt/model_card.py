@@ -2,7 +2,7 @@
 pipeline tag, base models, data sets, `model-index` with the run's evaluation results), how it was trained,
 how to use it, and how to upload it.
 
-`mmgpt train` / `mmgpt demo` write one into OUT/model and OUT/best (train/loop.py calls `write_model_card`).
+`mmgpt train` / `mmgpt demo` write one into OUT/model and OUT/best (train/run_outputs.py calls `write_run_cards`).
 The training config comes in as a plain dict (train.config.to_dict), so this module needs nothing from train/.
 """
 

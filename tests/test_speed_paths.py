@@ -290,7 +290,7 @@ def test_fast_vit_forward_matches_hugging_face(monkeypatch, onednn, stem):
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not built into this torch")
 @pytest.mark.parametrize("gelu", [None, "tanh", "none"])
 def test_fastgen_onednn_linear_matches_addmm_and_gelu(gelu):
-    from mmgpt.speed.decode import _packed_linear
+    from mmgpt.speed.plan import packed_linear as _packed_linear
 
     torch.manual_seed(0)
     w, b, x = torch.randn(64, 200), torch.randn(200), torch.randn(5, 64)  # w (in, out) as Conv1D stores it
