@@ -48,6 +48,19 @@ class UserError(Exception):
     """A mistake the user can fix: printed as one line, exit status 2."""
 
 
+def load_model(model: str, device=None, **kwargs):
+    """`mmgpt.load` for a command: a folder that cannot be used, or an unknown or unavailable --device, is a
+    UserError (one line naming the folder and what is wrong, exit status 2)."""
+    from mmgpt.api import ModelLoadError, load
+
+    try:
+        return load(model, device=device, **kwargs)
+    except ModelLoadError as err:
+        raise UserError(str(err)) from None
+    except (AssertionError, RuntimeError, ValueError) as err:
+        raise UserError(f"{model}: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -56,8 +56,7 @@ def run_classify_eval(args) -> int:
     """`mmgpt eval MODEL --data shapes[:SPLIT[:N]] --task classify [--max-images N] [--json]`."""
     import json
 
-    from mmgpt.api import ModelLoadError, load
-    from mmgpt.cli import UserError
+    from mmgpt.cli import UserError, load_model
     from train.data import parse_source
 
     try:
@@ -67,12 +66,7 @@ def run_classify_eval(args) -> int:
     if spec.get("format") != "shapes":
         raise UserError(f"--data: --task classify reads the shapes world (e.g. shapes:test:300), not {args.data}")
     n = args.max_images or spec.get("size") or 300
-    try:
-        vl = load(args.model, device=args.device)
-    except ModelLoadError as err:
-        raise UserError(str(err)) from None
-    except (AssertionError, RuntimeError, ValueError) as err:
-        raise UserError(f"{args.model}: {err}") from None
+    vl = load_model(args.model, device=args.device)
     metrics = classify_eval(vl, n=n, split=spec.get("split", "test"), batch_size=args.batch_size)
     if args.json:
         print(json.dumps(metrics), flush=True)

@@ -34,8 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import warnings
 
-    from mmgpt.api import ModelLoadError, load
-    from mmgpt.cli import UserError
+    from mmgpt.cli import UserError, load_model
     from train.data import DataError, DataWarning, build_source, parse_source
     from train.evaluate import evaluate
     from train.metrics import CAPTION_METRICS, MetricsWarning
@@ -57,12 +56,7 @@ def run(args) -> int:
         except (DataError, ValueError, OSError) as err:
             raise UserError(f"--data: {err}") from None
     caught += got
-    try:
-        vl = load(args.model, device=args.device)
-    except ModelLoadError as err:
-        raise UserError(str(err)) from None
-    except (AssertionError, RuntimeError, ValueError) as err:
-        raise UserError(f"{args.model}: {err}") from None
+    vl = load_model(args.model, device=args.device)
 
     tasks = ("caption", "vqa", "retrieval", "chat") if args.task == "all" else (args.task,)
     scorers = tuple(m for m in CAPTION_METRICS if not (args.no_meteor and m == "meteor"))

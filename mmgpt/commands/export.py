@@ -17,8 +17,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from mmgpt.api import ModelLoadError, load
-    from mmgpt.cli import UserError
+    from mmgpt.cli import UserError, load_model
 
     if args.opset < 14:
         raise UserError(f"--opset must be at least 14, got {args.opset}")
@@ -28,10 +27,7 @@ def run(args) -> int:
         raise UserError("the ONNX export needs the onnx package: pip install 'mmgpt[onnx]'") from None
     from mmgpt.onnx_export import ExportError, export_onnx
 
-    try:
-        vl = load(args.model, device="cpu")
-    except ModelLoadError as err:
-        raise UserError(str(err)) from None
+    vl = load_model(args.model, device="cpu")
     try:
         files = export_onnx(vl.model, vl.processor, args.out, opset=args.opset)
     except ExportError as err:

@@ -90,15 +90,9 @@ def _positive(name: str, value: int) -> None:
 
 def _load_pipeline(args):
     """The pipeline, or a UserError (exit 2) naming the folder and what is wrong with it."""
-    from mmgpt.api import ModelLoadError, load
-    from mmgpt.cli import UserError
+    from mmgpt.cli import load_model
 
-    try:
-        return load(args.model, device=args.device, dtype=args.dtype, quantize=getattr(args, "quantize", None))
-    except ModelLoadError as err:
-        raise UserError(str(err)) from None
-    except (AssertionError, RuntimeError, ValueError) as err:  # e.g. an unknown or unavailable --device
-        raise UserError(f"{args.model}: {err}") from None
+    return load_model(args.model, device=args.device, dtype=args.dtype, quantize=getattr(args, "quantize", None))
 
 
 def _read_images(paths: list[str]) -> tuple[list[tuple[str, object]], int]:
