@@ -228,7 +228,7 @@ class KeptCache:
 
 def _cross_kv(plan, memory: torch.Tensor) -> dict:
     """Cross-attention keys and values of memory (B, K, D), once per call: per cross layer
-    (keys (B*H, K, hd), values (B*H, K, hd), keys as (B*H, hd, K) for the torch steps)."""
+    (keys (B*H, K, hd), values (B*H, K, hd), None: the keys as (B*H, hd, K), made by the torch step's caller)."""
     b, n_mem, d = memory.shape
     n_head = plan.n_head
     hd = d // n_head
@@ -238,7 +238,7 @@ def _cross_kv(plan, memory: torch.Tensor) -> dict:
         if blk["cross"] is not None:
             km, vm = blk["cross"]["kv"](mem2d).split(d, dim=1)  # (B*K, D) each
             km, vm = (heads(x, b, n_head).reshape(b * n_head, n_mem, hd) for x in (km, vm))
-            cross_kv[i] = (km, vm, km.transpose(1, 2).contiguous())
+            cross_kv[i] = (km, vm, None)
     return cross_kv
 
 
@@ -282,6 +282,9 @@ def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_
     if dev.type == "cpu" and dtype == torch.float32:
         bias_bt = None if not padded else torch.zeros(b, total, dtype=dtype).masked_fill_(mask == 0, neg)  # (B, T)
         c_step = _c_step(plan, model, b, total, kv_cache, cross_kv, bias_bt, n_mem)
+    if c_step is None:  # the torch step reads the cross-attention keys transposed, (B*H, hd, K)
+        cross_kv = {i: (km, vm, km.transpose(1, 2).contiguous() if km_t is None else km_t)
+                    for i, (km, vm, km_t) in cross_kv.items()}
 
     def attend_one(q, k_t, v, bias, scale):
         """One query per row: q (B*H, 1, hd), k_t (B*H, hd, T), v (B*H, T, hd) -> (B, D). Two
