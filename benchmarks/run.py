@@ -477,8 +477,12 @@ def main(argv=None) -> int:
     cached, recomputed, flop_ratio = feature_cache_ratio(SMALL, args.iters)
     rows.append(("frozen encoder small", "mmgpt", f"cached {cached:.1f} vs recomputed {recomputed:.1f} samples/s",
                  f"FLOP ratio {flop_ratio:.2f}"))
-    targets.append(target("feature_cache_small", cached, recomputed, cached / recomputed, 3.0, "samples/s"))
-    targets[-1]["bound"] = {"flop_ratio": round(flop_ratio, 3)}
+    # The cache removes the encoder's forward and nothing else: its speed-up is bounded by the two steps' FLOP
+    # ratio, so the goal is a share of that bound (issue 21: >= 0.9 of it; 3x was above the bound itself).
+    speedup = cached / recomputed
+    targets.append(target("feature_cache_small_share_of_flop_bound", cached, recomputed, speedup / flop_ratio, 0.9,
+                          "samples/s"))
+    targets[-1]["bound"] = {"flop_ratio": round(flop_ratio, 3), "speedup": round(speedup, 3)}
 
     rss = {k: peak_rss(k) for k in ("mmgpt", "ved")}
     ours, peer = rss["mmgpt"]["rss_mb"], rss["ved"]["rss_mb"]

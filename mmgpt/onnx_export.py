@@ -184,6 +184,8 @@ def export_onnx(model, processor, out_dir, opset: int = OPSET) -> list[Path]:
     files = []
     for (graph, args, inputs, outputs, axes), name in zip(jobs, ONNX_FILES):
         path = onnx_dir / name
+        graph.eval()  # a new wrapper is in training mode, and torch.onnx.export puts the mode it found back (on
+        # the wrapped model too): the model was left training, dropout on and the fast decoding path off
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's notes on shape checks in ViT (fixed input size)
             torch.onnx.export(graph, args, str(path), input_names=inputs, output_names=outputs,

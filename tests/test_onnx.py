@@ -131,3 +131,14 @@ def test_prefix_fusion_is_refused_in_one_line(tmp_path, capsys):
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("mmgpt export")]  # (and load bars)
     assert len(err) == 1 and "fusion='prefix'" in err[0] and "cross-attention" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_exporting_leaves_the_model_in_eval_mode(tmp_path, vl):
+    """torch.onnx.export puts back the training mode it found on each graph wrapper; a wrapper starts in
+    training mode, so the exported model was left training (dropout on, the fast decoding path off)."""
+    from mmgpt.onnx_export import export_onnx
+
+    model = vl.model.eval()
+    export_onnx(model, vl.processor, tmp_path / "out")
+    assert not any(m.training for m in model.modules())
+    assert model._can_use_fast_path({"max_new_tokens": 4})
