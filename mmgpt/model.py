@@ -228,7 +228,8 @@ class MMGPTModel(MMGPTPreTrainedModel, CrossAttentionDecoderMixin, MMGPTGenerati
         return self._text_embedding(self._image_free_hidden(input_ids, attention_mask), attention_mask)
 
     def embed_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.image_embedding(self.vision(pixel_values).pooled)
+        """(B, E) L2-normed; in eval mode without gradients through the fused ViT forward (`mmgpt.speed.vit`)."""
+        return self.image_embedding(vit.infer(self.vision, pixel_values).pooled)
 
     # --- forward ---------------------------------------------------------------------------------
 
