@@ -188,7 +188,7 @@ class ChatEngine:
             model, memory, new_ids, torch.ones_like(new_ids), int(gen["max_new_tokens"]), eos_token_id=eos,
             pad_token_id=eos if pad is None else pad, min_new_tokens=int(gen.get("min_new_tokens") or 0),
             warpers=sampling_warpers(gen, gc) if gen.get("do_sample", gc.do_sample) else None,
-            past=kept_cache, streamer=streamer, keep=True)
+            past=kept_cache, streamer=streamer, keep=True, stopping_criteria=gen.get("stopping_criteria"))
         return ids + out[0, new_ids.shape[1]:].tolist(), cache
 
     def chat(self, messages, images=None, **gen) -> str:

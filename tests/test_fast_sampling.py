@@ -119,3 +119,28 @@ def test_chat_follow_ups_take_the_fast_loop_with_the_kept_past(monkeypatch):
             conv = conv + [{"role": "assistant", "content": answer}, {"role": "user", "content": follow}]
     assert len(pasts) == 3
     assert "".join(vl.stream_chat(conv, max_new_tokens=5)) == vl.chat(conv, max_new_tokens=5)
+
+
+def test_stopping_criteria_end_rows_as_generation_mixin_does(setup, monkeypatch):
+    """A stopping criterion (the CLI's Ctrl-C is one) runs on the fast loop: each row it marks ends there and
+    is padded after, the tokens equal GenerationMixin's, and the call ends once every row has ended."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    model, px, ids, mask = setup
+    width = ids.shape[1]
+
+    class AfterK(StoppingCriteria):  # row i ends after i + 2 new tokens
+        def __call__(self, input_ids, scores, **kwargs):
+            new = input_ids.shape[1] - width
+            return torch.tensor([new >= i + 2 for i in range(input_ids.shape[0])])
+
+    calls = []
+    real = fastgen.greedy_generate
+    monkeypatch.setattr(fastgen, "greedy_generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    fast = model.generate(stopping_criteria=StoppingCriteriaList([AfterK()]), **kw)
+    assert calls == [1]
+    slow = model.generate(stopping_criteria=StoppingCriteriaList([AfterK()]), fast=False, **kw)
+    assert torch.equal(fast, slow) and fast.shape[1] <= width + 4  # the last row ends after 4 tokens (or EOS)
+    assert (fast[0, width + 2:] == 1).all() and (fast[1, width + 3:] == 1).all()  # padded (pad = EOS = 1)
+    assert slow.shape[1] < model.generate(fast=False, **kw).shape[1]  # the criterion did end the call early

@@ -63,7 +63,7 @@ from mmgpt.speed.threads import cores_free, one_thread
 
 # Options this path honours; anything else goes to GenerationMixin.
 FAST_OPTIONS = {"max_new_tokens", "min_new_tokens", "do_sample", "num_beams", "use_cache", "eos_token_id",
-                "pad_token_id", "bos_token_id", "temperature", "top_k", "top_p"}
+                "pad_token_id", "bos_token_id", "temperature", "top_k", "top_p", "stopping_criteria"}
 # Sampling options of a generation_config that this path does not apply: each must be unset (or neutral).
 _OTHER_WARPERS = {"min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
 _WARPER_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}  # GenerationConfig's global defaults
@@ -180,13 +180,16 @@ def greedy_generate(
     past: KeptCache | None = None,
     streamer=None,
     keep: bool = False,
+    stopping_criteria=None,
 ):
     """memory (B, K, Dt); input_ids, attention_mask (B, P) left-padded -> (B, P + new) like generate().
 
     `past` (one row, no padding): the kept state of a conversation's earlier tokens (`keep=True` of an
     earlier call, perhaps cropped); input_ids are then the tokens after them. `keep`: also return the
     `KeptCache` of this call ((B, P + new), cache). `streamer`: a transformers streamer (one row) that
-    gets the prompt, then each token as it is chosen, as GenerationMixin feeds it.
+    gets the prompt, then each token as it is chosen, as GenerationMixin feeds it. `stopping_criteria`
+    (transformers' StoppingCriteriaList, or any callable (ids, scores) -> bool per row): after each token, a
+    row it marks ends there, as in GenerationMixin (scores here are the step's logits, not warped ones).
 
     `warpers` (a LogitsProcessorList, `sampling_warpers`): sample each token from the warped logits
     with torch.multinomial, as GenerationMixin's sampling does; None: greedy.
@@ -207,7 +210,7 @@ def greedy_generate(
     with one_thread(threads == "serial"):
         return _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
                        min_new_tokens, split, watch=auto and threads != "serial", warpers=warpers, past=past,
-                       streamer=streamer, keep=keep)
+                       streamer=streamer, keep=keep, stopping=stopping_criteria)
 
 
 class KeptCache:
@@ -243,7 +246,8 @@ def _cross_kv(plan, memory: torch.Tensor) -> dict:
 
 
 def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id,
-            min_new_tokens, split: bool, watch: bool, warpers=None, past=None, streamer=None, keep=False):
+            min_new_tokens, split: bool, watch: bool, warpers=None, past=None, streamer=None, keep=False,
+            stopping=None):
     tr = model.decoder.transformer
     b, p = input_ids.shape
     p0 = 0 if past is None else past.length  # tokens whose keys and values are kept
@@ -352,7 +356,7 @@ def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_
         else prompt_step(input_ids)
     n = _token_loop(first, lambda nxt, pos, serial: step(nxt, p0 + pos, serial), out, p, max_new_tokens,
                     min_new_tokens, eos_token_id, pad_token_id, warpers, watch,
-                    model.__dict__["_fastgen_plans"].serial_step, neg, streamer)
+                    model.__dict__["_fastgen_plans"].serial_step, neg, streamer, stopping)
     if streamer is not None:
         streamer.end()
     if keep:  # every token but the last has its keys and values in the cache
@@ -361,7 +365,7 @@ def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_
 
 
 def _token_loop(logits, step, out, p: int, max_new_tokens: int, min_new_tokens: int, eos_token_id, pad_token_id,
-                warpers, watch: bool, timings: dict, neg: float, streamer=None) -> int:
+                warpers, watch: bool, timings: dict, neg: float, streamer=None, stopping=None) -> int:
     """Choose each token from the last logits (greedy, or sampled through `warpers`), write it into
     `out` at p + n, and run `step` for the next logits, until max_new_tokens or every row ended;
     returns the index n of the last token written. On a watched call a step that takes 3x the call's
@@ -378,15 +382,17 @@ def _token_loop(logits, step, out, p: int, max_new_tokens: int, min_new_tokens: 
         else:  # GenerationMixin._sample: warp, softmax, one multinomial draw per row
             scores = warpers(out[:, : p + n], logits)
             nxt = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)  # (B,)
-        if eos_token_id is not None:
+        if eos_token_id is not None or stopping is not None:
             nxt = torch.where(done, pad_token_id, nxt)
         out[:, p + n] = nxt
         if streamer is not None:
             streamer.put(nxt.cpu())
         if eos_token_id is not None:
             done |= nxt == eos_token_id
-            if bool(done.all()):
-                break
+        if stopping is not None:
+            done |= torch.as_tensor(stopping(out[:, : p + n + 1], logits), device=done.device).expand(b)
+        if (eos_token_id is not None or stopping is not None) and bool(done.all()):
+            break
         if n + 1 < max_new_tokens:
             t0 = time.perf_counter()
             logits = step(nxt, p + n, serial)
