@@ -342,7 +342,8 @@ def test_serve_refuses_an_index_of_another_model(vl, collection, tmp_path, capsy
     assert err.count("\n") == 0 and "--index" in err and "not with this one" in err
 
 
-def test_search_box_in_chromium(vl, collection, tmp_path):
+@pytest.mark.parametrize("api_key", [None, "s3cret"])
+def test_search_box_in_chromium(vl, collection, tmp_path, api_key):
     chromium = os.environ.get("MMGPT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
         pytest.skip("no chromium on PATH (apt-get install chromium, or set MMGPT_CHROMIUM)")
@@ -354,12 +355,15 @@ def test_search_box_in_chromium(vl, collection, tmp_path):
     build(folder, vl, tmp_path / "idx", workers=0, progress=False)
     index = SearchIndex(tmp_path / "idx")
     ref = index.search_text(vl, ["a green circle"], k=12)[0]
-    with background(create_app(vl, search_index=index)) as url, sync_api.sync_playwright() as p:
+    with background(create_app(vl, search_index=index, api_key=api_key)) as url, sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True,
                                     args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
         try:
             page = browser.new_page()
             page.goto(url + "/")
+            if api_key:  # the page's key field (in its "API key" box) serves the search box and its thumbnails too
+                page.click("#key-box summary")
+                page.fill("#key", api_key)
             page.fill("#search-text", "a green circle")
             page.click("#search-form button")
             page.wait_for_function("document.querySelectorAll('#search-results img').length === 12", timeout=30_000)

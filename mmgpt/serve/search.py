@@ -121,6 +121,8 @@ SECTION = """
 "use strict";
 (() => {
   const $ = (id) => document.getElementById(id);
+  // the page's API key field (its headers()), so that a server started with --api-key answers the box too
+  const auth = (extra) => (typeof headers === "function" ? headers(extra) : extra);
   let turn = 0;
   async function search(ev) {
     ev.preventDefault();
@@ -132,9 +134,9 @@ SECTION = """
       const body = new FormData();
       body.append("image", file);
       body.append("top_k", "12");
-      init = { method: "POST", body };
+      init = { method: "POST", body, headers: auth({}) };
     } else {
-      init = { method: "POST", headers: { "Content-Type": "application/json" },
+      init = { method: "POST", headers: auth({ "Content-Type": "application/json" }),
                body: JSON.stringify({ text, top_k: 12 }) };
     }
     $("search-status").textContent = "searching…";
@@ -155,7 +157,13 @@ SECTION = """
         const fig = document.createElement("figure");
         fig.style.margin = "0";
         const img = document.createElement("img");
-        img.src = hit.url;
+        const key = auth({}).Authorization;
+        if (key) {  // an <img> cannot send the key: fetch the thumbnail with it
+          fetch(hit.url, { headers: { Authorization: key } }).then((r) => (r.ok ? r.blob() : null))
+            .then((b) => { if (b) img.src = URL.createObjectURL(b); }).catch(() => {});
+        } else {
+          img.src = hit.url;
+        }
         img.alt = hit.path;
         img.title = hit.path;
         img.loading = "lazy";
