@@ -35,11 +35,17 @@ class ConversationError(ValueError):
     """A conversation that cannot be read; the message names the message index and field."""
 
 
+def _clean(text: str) -> str:
+    """Lone surrogates (undecodable bytes that Python kept, e.g. from a terminal or a JSON escape) as '?': the
+    tokenizer cannot encode them (a TypeError deep inside before)."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def _parts(content: Any, where: str) -> list[dict]:
     if content is None:
         return []
     if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
+        return [{"type": "text", "text": _clean(content)}] if content else []
     if isinstance(content, dict):
         content = [content]
     if not isinstance(content, (list, tuple)):
@@ -47,7 +53,7 @@ def _parts(content: Any, where: str) -> list[dict]:
     out = []
     for j, part in enumerate(content):
         if isinstance(part, str):
-            out.append({"type": "text", "text": part})
+            out.append({"type": "text", "text": _clean(part)})
             continue
         if not isinstance(part, dict):
             raise ConversationError(f"{where}.content[{j}] must be a dict with a 'type', not {type(part).__name__}")
@@ -56,7 +62,7 @@ def _parts(content: Any, where: str) -> list[dict]:
             text = part.get("text")
             if not isinstance(text, str):
                 raise ConversationError(f"{where}.content[{j}] is a text part without a 'text' string")
-            out.append({"type": "text", "text": text})
+            out.append({"type": "text", "text": _clean(text)})
         elif kind == "image":
             img = part.get("image", part.get("path", part.get("url")))
             out.append({"type": "image", **({"image": img} if img is not None else {})})

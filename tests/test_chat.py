@@ -298,3 +298,17 @@ def test_evaluating_conversations_scores_each_turn_as_chat_answers_it():
     assert result.metrics["chat_questions"] == n
     assert result.metrics["chat_accuracy"] == pytest.approx(hits / n)
     assert "chat_two_image_accuracy" in result.metrics and "vqa_accuracy" not in result.metrics
+
+
+def test_lone_surrogates_in_a_message_read_as_question_marks():
+    """Text with a lone surrogate (undecodable bytes Python kept) is answered as the same text with '?' there;
+    the tokenizer raised a TypeError on it before."""
+    model, proc = _model("cross", seed=9)
+    vl = VisionLanguagePipeline(model, proc, device="cpu")
+    img = _image(11)
+
+    def conv(text):
+        return [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": text}]}]
+
+    assert vl.chat(conv("what \udce9 color?"), max_new_tokens=3) == vl.chat(conv("what ? color?"), max_new_tokens=3)
+    assert normalize([{"role": "user", "content": "a\ud800b"}])[0][0]["content"][0]["text"] == "a?b"
