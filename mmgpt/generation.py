@@ -133,7 +133,7 @@ class MMGPTGenerationMixin(GenerationMixin):
                 eos_token_id=eos, pad_token_id=eos if pad is None else pad,
                 min_new_tokens=int(kwargs.get("min_new_tokens") or 0),
                 warpers=sampling_warpers(kwargs, gc) if kwargs.get("do_sample", gc.do_sample) else None,
-                stopping_criteria=kwargs.get("stopping_criteria"),
+                stopping_criteria=kwargs.get("stopping_criteria"), streamer=kwargs.get("streamer"),
             )
         if memory_mask is not None:
             kwargs["memory_mask"] = memory_mask

@@ -114,7 +114,10 @@ def test_chat_follow_ups_take_the_fast_loop_with_the_kept_past(monkeypatch):
                              attention_mask=torch.ones_like(ids), max_new_tokens=5, fast=False, use_cache=False,
                              **sample)
         assert answer == proc.decode(ref[0, ids.shape[1]:]), turn
-        assert (pasts[-1] is None) == (turn == 0) and vl.chats.last.reused_tokens > 0 or turn == 0
+        if turn:  # fed only its new tokens, on the kept past
+            assert pasts[-1] is not None and vl.chats.last.reused_tokens > 0
+        else:
+            assert pasts[-1] is None
         if follow:
             conv = conv + [{"role": "assistant", "content": answer}, {"role": "user", "content": follow}]
     assert len(pasts) == 3
@@ -144,3 +147,32 @@ def test_stopping_criteria_end_rows_as_generation_mixin_does(setup, monkeypatch)
     assert torch.equal(fast, slow) and fast.shape[1] <= width + 4  # the last row ends after 4 tokens (or EOS)
     assert (fast[0, width + 2:] == 1).all() and (fast[1, width + 3:] == 1).all()  # padded (pad = EOS = 1)
     assert slow.shape[1] < model.generate(fast=False, **kw).shape[1]  # the criterion did end the call early
+
+
+def test_a_streamer_takes_the_fast_loop_and_gets_generation_mixins_pieces(setup, monkeypatch):
+    """generate(streamer=...) (vl.stream_caption / stream_answer) runs the fast loop; the streamer sees the
+    prompt, then every new token, as GenerationMixin feeds it."""
+    model, px, ids, mask = setup
+
+    class Record:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.tolist())
+
+        def end(self):
+            self.ended = True
+
+    calls = []
+    real = fastgen.greedy_generate
+    monkeypatch.setattr(fastgen, "greedy_generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast, slow = Record(), Record()
+    out = model.generate(pixel_values=px[:1], input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=6,
+                         do_sample=False, streamer=fast)
+    assert calls == [1]
+    ref = model.generate(pixel_values=px[:1], input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=6,
+                         do_sample=False, streamer=slow, fast=False)
+    assert torch.equal(out, ref) and fast.ended and slow.ended
+    assert [torch.tensor(x).flatten().tolist() for x in fast.puts] == \
+        [torch.tensor(x).flatten().tolist() for x in slow.puts]

@@ -63,7 +63,7 @@ from mmgpt.speed.threads import cores_free, one_thread
 
 # Options this path honours; anything else goes to GenerationMixin.
 FAST_OPTIONS = {"max_new_tokens", "min_new_tokens", "do_sample", "num_beams", "use_cache", "eos_token_id",
-                "pad_token_id", "bos_token_id", "temperature", "top_k", "top_p", "stopping_criteria"}
+                "pad_token_id", "bos_token_id", "temperature", "top_k", "top_p", "stopping_criteria", "streamer"}
 # Sampling options of a generation_config that this path does not apply: each must be unset (or neutral).
 _OTHER_WARPERS = {"min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None}
 _WARPER_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}  # GenerationConfig's global defaults
@@ -276,17 +276,17 @@ def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_
     neg = torch.finfo(dtype).min
     wte, ln_f = tr.wte.weight, layer_norm(tr.ln_f)
     pos_emb = tr.wpe.weight[pos_all]  # (B, T, D)
-    # Additive key mask for one-token steps, (B*H, 1, T); a broadcast zero without padding.
-    no_bias = key_bias = torch.zeros(1, 1, 1, dtype=dtype, device=dev)
-    if padded:
-        key_bias = (torch.zeros(b, 1, 1, total, dtype=dtype, device=dev).masked_fill_(mask[:, None, None] == 0, neg)
-                    .expand(b, n_head, 1, total).reshape(b * n_head, 1, total))
-
+    # Additive key mask of the padding, (B, T); None without padding.
+    pad_bias = torch.zeros(b, total, dtype=dtype, device=dev).masked_fill_(mask == 0, neg) if padded else None
     c_step = None
     if dev.type == "cpu" and dtype == torch.float32:
-        bias_bt = None if not padded else torch.zeros(b, total, dtype=dtype).masked_fill_(mask == 0, neg)  # (B, T)
-        c_step = _c_step(plan, model, b, total, kv_cache, cross_kv, bias_bt, n_mem)
-    if c_step is None:  # the torch step reads the cross-attention keys transposed, (B*H, hd, K)
+        c_step = _c_step(plan, model, b, total, kv_cache, cross_kv, pad_bias, n_mem)
+    # The torch step's additive key mask, (B*H, 1, T) (a broadcast zero without padding), and its
+    # cross-attention keys transposed, (B*H, hd, K).
+    no_bias = key_bias = torch.zeros(1, 1, 1, dtype=dtype, device=dev)
+    if c_step is None:
+        if padded:
+            key_bias = pad_bias[:, None, None].expand(b, n_head, 1, total).reshape(b * n_head, 1, total)
         cross_kv = {i: (km, vm, km.transpose(1, 2).contiguous() if km_t is None else km_t)
                     for i, (km, vm, km_t) in cross_kv.items()}
 
