@@ -175,20 +175,14 @@ class ChatEngine:
     def _fast_generate(self, ids: list[int], memory, kept_cache, reuse: int, gen: dict, streamer):
         """The answer through the fast loop, fed only the tokens after the `reuse` kept ones;
         -> (the conversation's tokens with the answer, the KeptCache to keep)."""
-        from mmgpt.speed.decode import greedy_generate, sampling_warpers
+        from mmgpt.speed.decode import greedy_generate, loop_options
 
-        model, dev = self.vl.model, self.vl.device
-        gc = model.generation_config
-        gen = dict(gen)
+        model = self.vl.model
+        gen = {**gen, "streamer": streamer}
         model._fit_positions(torch.ones(1, len(ids), dtype=torch.long), memory.shape[1], gen)  # cuts max_new_tokens
-        new_ids = torch.tensor([ids[reuse:]], device=dev)
-        eos = gen.get("eos_token_id", gc.eos_token_id)
-        pad = gen.get("pad_token_id", gc.pad_token_id)
-        out, cache = greedy_generate(
-            model, memory, new_ids, torch.ones_like(new_ids), int(gen["max_new_tokens"]), eos_token_id=eos,
-            pad_token_id=eos if pad is None else pad, min_new_tokens=int(gen.get("min_new_tokens") or 0),
-            warpers=sampling_warpers(gen, gc) if gen.get("do_sample", gc.do_sample) else None,
-            past=kept_cache, streamer=streamer, keep=True, stopping_criteria=gen.get("stopping_criteria"))
+        new_ids = torch.tensor([ids[reuse:]], device=self.vl.device)
+        out, cache = greedy_generate(model, memory, new_ids, torch.ones_like(new_ids), past=kept_cache, keep=True,
+                                     **loop_options(gen, model.generation_config))
         return ids + out[0, new_ids.shape[1]:].tolist(), cache
 
     def chat(self, messages, images=None, **gen) -> str:

@@ -123,18 +123,10 @@ class MMGPTGenerationMixin(GenerationMixin):
                   and bool((input_ids == self.config.image_token_id).any()))
         self._fit_positions(attention_mask, 0 if inline else encoder_hidden_states.shape[1], kwargs)
         if memory_mask is None and not inline and kwargs.get("cache") is None and self._can_use_fast_path(kwargs):
-            from mmgpt.speed.decode import greedy_generate, sampling_warpers
+            from mmgpt.speed.decode import greedy_generate, loop_options
 
-            gc = self.generation_config
-            eos = kwargs.get("eos_token_id", gc.eos_token_id)
-            pad = kwargs.get("pad_token_id", gc.pad_token_id)
-            return greedy_generate(
-                self, encoder_hidden_states, input_ids, attention_mask, int(kwargs["max_new_tokens"]),
-                eos_token_id=eos, pad_token_id=eos if pad is None else pad,
-                min_new_tokens=int(kwargs.get("min_new_tokens") or 0),
-                warpers=sampling_warpers(kwargs, gc) if kwargs.get("do_sample", gc.do_sample) else None,
-                stopping_criteria=kwargs.get("stopping_criteria"), streamer=kwargs.get("streamer"),
-            )
+            return greedy_generate(self, encoder_hidden_states, input_ids, attention_mask,
+                                   **loop_options(kwargs, self.generation_config))
         if memory_mask is not None:
             kwargs["memory_mask"] = memory_mask
         if inline:

@@ -165,6 +165,16 @@ def _c_step(plan, model, b: int, total: int, kv_cache, cross_kv: dict, key_bias,
     return step
 
 
+def loop_options(kwargs: dict, gc) -> dict:
+    """generate()'s options (over the model's generation_config `gc`) as `greedy_generate`'s arguments."""
+    eos = kwargs.get("eos_token_id", gc.eos_token_id)
+    pad = kwargs.get("pad_token_id", gc.pad_token_id)
+    return {"max_new_tokens": int(kwargs["max_new_tokens"]), "eos_token_id": eos,
+            "pad_token_id": eos if pad is None else pad, "min_new_tokens": int(kwargs.get("min_new_tokens") or 0),
+            "warpers": sampling_warpers(kwargs, gc) if kwargs.get("do_sample", gc.do_sample) else None,
+            "stopping_criteria": kwargs.get("stopping_criteria"), "streamer": kwargs.get("streamer")}
+
+
 @torch.no_grad()
 def greedy_generate(
     model,
