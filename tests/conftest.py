@@ -27,3 +27,16 @@ def quiet_and_one_thread():
     torch.set_num_threads(threads)
     hf_logging.set_verbosity(verbosity)
     torch.set_grad_enabled(grad)
+
+
+@pytest.fixture(params=["avx2", "avx512"])
+def isa(request):
+    """The several-row products on the AVX2 code, then on the AVX-512 code (skipped where the CPU lacks it)."""
+    from mmgpt.speed import kernels
+
+    if not kernels.available():
+        pytest.skip("the kernels do not build here (x86-64 Linux with AVX2 and a C compiler)")
+    if kernels.set_avx512(request.param == "avx512") != (request.param == "avx512"):
+        pytest.skip("this CPU has no AVX-512")
+    yield request.param
+    kernels.set_avx512(bool(kernels._avx512_wanted()))

@@ -28,7 +28,7 @@ def test_quantize_weight_by_hand():
 
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
-def test_rows_linear_int8_matches_a_float64_product(threads):
+def test_rows_linear_int8_matches_a_float64_product(threads, isa):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -16,6 +16,7 @@ CAN_BUILD = (platform.system() == "Linux" and platform.machine() == "x86_64"
 needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="x86-64 Linux with AVX2 and a C compiler")
 
 
+
 @pytest.fixture
 def fresh_state(monkeypatch, tmp_path):
     """A clean kernel state and build cache for the test, the process's state back afterwards."""
@@ -29,7 +30,7 @@ def fresh_state(monkeypatch, tmp_path):
 
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
-def test_rows_linear_matches_a_float64_product(threads):
+def test_rows_linear_matches_a_float64_product(threads, isa):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -39,7 +40,7 @@ def test_rows_linear_matches_a_float64_product(threads):
             w, b = torch.randn(k, n, generator=g), torch.randn(n, generator=g)
             for bias in (b, None):
                 f = kernels.rows_linear(w, bias)
-                for rows in (1, 2, 3, 4, 5, 7, 16, 40):  # 40: past MAX_ROWS, torch's addmm
+                for rows in (1, 2, 3, 4, 5, 7, 9, 16, 17, 32, 40):  # 40: past MAX_ROWS, torch's addmm
                     x = torch.randn(rows, k, generator=g)
                     ref = x.double() @ w.double() + (0 if bias is None else bias.double())
                     y = f(x)
@@ -74,20 +75,29 @@ def test_greedy_decoding_gives_the_same_tokens_with_and_without_the_kernel(monke
 
 
 @needs_kernel
+@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_the_c_decode_step_gives_the_logits_of_the_models_forward(monkeypatch, int8, threads):
+def test_the_c_decode_step_gives_the_logits_of_the_models_forward(monkeypatch, int8, threads, isa, wide):
     """Every one-token step of the C path (rows_linear.c `mmgpt_decode_step`), captured, against the
     model's own forward (transformers' GPT-2 blocks) over the generated sequence: left-padded rows of
     different lengths, fp32 and int8 weights (the forward then reads the dequantized ones)."""
-    from test_model import left_padded_prompts, make_model
+    from test_model import GPT, VIT, left_padded_prompts, make_model
 
     from mmgpt.speed import decode
     from mmgpt.speed.quantize import quantize_model
 
-    model = quantize_model(make_model(seed=4), "int8" if int8 else None)
+    # wide: 50 image tokens (the cross-attention scores 32, 8 and 1 keys at a time) and 64-wide heads
+    size, over = (56, {"vision": {"backend": "vit", "config": {**VIT, "image_size": 56}},
+                       "text": {**GPT, "n_head": 1}}) if wide else (32, {})
+    model = make_model(seed=4, **over)
+    if wide:  # sharp cross-attention, so that a wrong score shows in the logits
+        with torch.no_grad():
+            for blk in model.decoder.transformer.h[model.k:]:
+                blk.crossattention.q_attn.weight.mul_(8.0)
+    model = quantize_model(model, "int8" if int8 else None)
     _, ids, mask = left_padded_prompts()
-    px = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    px = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(5))
     seen, built = [], decode._c_step
 
     def capture(*args, **kw):

@@ -141,8 +141,8 @@ def _c_step(plan, model, b: int, total: int, kv_cache, cross_kv: dict, key_bias,
             ln = blk.ln_cross_attn
             x.lnc_w, x.lnc_b, x.lnc_eps = ptr(ln.weight.detach()), ptr(ln.bias.detach()), ln.eps
             x.cq, x.cproj, x.cscale = c["q"].lin, c["proj"].lin, c["scale"]
-            km, vm, _ = cross_kv[i]  # (B*H, M, hd) each
-            x.ck, x.cv, x.n_mem = ptr(km.contiguous()), ptr(vm.contiguous()), n_mem
+            _, vm, km_t = cross_kv[i]  # values (B*H, M, hd), keys transposed (B*H, hd, M)
+            x.ck, x.cv, x.n_mem = ptr(km_t.contiguous()), ptr(vm.contiguous()), n_mem
     tr = model.decoder.transformer
     lnf_w, lnf_b = tr.ln_f.weight.detach(), tr.ln_f.bias.detach()
     head = plan.lm_head.lin
@@ -240,18 +240,18 @@ class KeptCache:
 
 
 def _cross_kv(plan, memory: torch.Tensor) -> dict:
-    """Cross-attention keys and values of memory (B, K, D), once per call: per cross layer
-    (keys (B*H, K, hd), values (B*H, K, hd), None: the keys as (B*H, hd, K), made by the torch step's caller)."""
+    """Cross-attention keys and values of memory (B, K, D), once per call, every cross layer's in one
+    product (`DecoderPlan.cross_kv`): per cross layer (keys (B*H, K, hd), a view of the transposed keys;
+    values (B*H, K, hd); keys transposed (B*H, hd, K), the layout both steps read)."""
     b, n_mem, d = memory.shape
     n_head = plan.n_head
     hd = d // n_head
-    mem2d = memory.reshape(-1, d)  # (B*K, D)
+    kv = plan.cross_kv(memory.reshape(-1, d)).view(b, n_mem, len(plan.cross_layers), 2, n_head, hd)
     cross_kv = {}
-    for i, blk in enumerate(plan.blocks):
-        if blk["cross"] is not None:
-            km, vm = blk["cross"]["kv"](mem2d).split(d, dim=1)  # (B*K, D) each
-            km, vm = (heads(x, b, n_head).reshape(b * n_head, n_mem, hd) for x in (km, vm))
-            cross_kv[i] = (km, vm, None)
+    for j, i in enumerate(plan.cross_layers):
+        km_t = kv[:, :, j, 0].permute(0, 2, 3, 1).reshape(b * n_head, hd, n_mem)  # (B*H, hd, K)
+        vm = kv[:, :, j, 1].transpose(1, 2).reshape(b * n_head, n_mem, hd)  # (B*H, K, hd)
+        cross_kv[i] = (km_t.transpose(1, 2), vm, km_t)
     return cross_kv
 
 
@@ -291,14 +291,10 @@ def _greedy(model, memory, input_ids, attention_mask, max_new_tokens, eos_token_
     c_step = None
     if dev.type == "cpu" and dtype == torch.float32:
         c_step = _c_step(plan, model, b, total, kv_cache, cross_kv, pad_bias, n_mem)
-    # The torch step's additive key mask, (B*H, 1, T) (a broadcast zero without padding), and its
-    # cross-attention keys transposed, (B*H, hd, K).
+    # The torch step's additive key mask, (B*H, 1, T) (a broadcast zero without padding).
     no_bias = key_bias = torch.zeros(1, 1, 1, dtype=dtype, device=dev)
-    if c_step is None:
-        if padded:
-            key_bias = pad_bias[:, None, None].expand(b, n_head, 1, total).reshape(b * n_head, 1, total)
-        cross_kv = {i: (km, vm, km.transpose(1, 2).contiguous() if km_t is None else km_t)
-                    for i, (km, vm, km_t) in cross_kv.items()}
+    if c_step is None and padded:
+        key_bias = pad_bias[:, None, None].expand(b, n_head, 1, total).reshape(b * n_head, 1, total)
 
     def attend_one(q, k_t, v, bias, scale):
         """One query per row: q (B*H, 1, hd), k_t (B*H, hd, T), v (B*H, T, hd) -> (B, D). Two

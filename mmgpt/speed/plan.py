@@ -126,6 +126,7 @@ class DecoderPlan:
         layers = model.decoder.transformer.h
         head = model.decoder.lm_head
         self.kernel = kernel
+        self.cross_layers, self.cross_kv = self._cross_kv(model)
         if kernel:  # mmgpt.speed.kernels.rows_linear for one row and for several (module doc)
             lin = int8_linear if int8 else kernels.rows_linear
             self.blocks = [self._block(model, i, blk, lin, False) for i, blk in enumerate(layers)]
@@ -145,6 +146,20 @@ class DecoderPlan:
         self.lm_head_one_row = split_linear(w_head, head.bias) if split else self.lm_head
 
     @staticmethod
+    def _cross_kv(model):
+        """(the cross-attention layers' indices, one product memory (B*K, D) -> (B*K, 2D * layers)): every
+        cross layer's keys and values in one matmul, through oneDNN on a reordered weight where it runs
+        (~1.3x MKL's three addmm for a batch of 16 images)."""
+        layers = model.decoder.transformer.h
+        idx = [i for i in range(len(layers)) if i >= model.k]
+        if not idx:
+            return idx, None
+        wbs = [weight_and_bias(layers[i].crossattention.c_attn) for i in idx]  # (D, 2D) each, Conv1D layout
+        w = torch.cat([wb[0].detach() for wb in wbs], dim=1)  # (D, 2D * n)
+        b = None if any(wb[1] is None for wb in wbs) else torch.cat([wb[1].detach() for wb in wbs])
+        return idx, (packed_linear if onednn_cpu(w) else linear)(w, b)
+
+    @staticmethod
     def _block(model, i: int, blk, lin, fuse_gelu: bool) -> dict:
         a = blk.attn
         gelu = gelu_of(blk.mlp.act) if fuse_gelu else None
@@ -159,7 +174,7 @@ class DecoderPlan:
         if i >= model.k:
             c = blk.crossattention
             p["cross"] = {"ln": layer_norm(blk.ln_cross_attn), "q": lin(*weight_and_bias(c.q_attn)), "proj": lin(*weight_and_bias(c.c_proj)),
-                          "scale": c.scaling, "kv": linear(*weight_and_bias(c.c_attn))}  # once per call, over B*K rows
+                          "scale": c.scaling}
         return p
 
 

@@ -1,7 +1,8 @@
 """CPU kernels that torch lacks, built on first use.
 
 `rows_linear`: y = x W + b for a few rows of x (greedy decoding: 1-16 rows per step), fp32, AVX2 + FMA
-(`rows_linear.c`). torch's one-row and few-row products (MKL's addmm and gemv, oneDNN) read the
+(`rows_linear.c`); several rows take AVX-512 code (up to 16 rows per pass over a panel, the panel
+prefetched ahead) where the CPU has it (`set_avx512`, `MMGPT_KERNELS_AVX512=0` to keep AVX2). torch's one-row and few-row products (MKL's addmm and gemv, oneDNN) read the
 weights at 5-9 GB/s on the 2-core AVX2 machine this was written on, where memory streams 15-22
 (`python -m benchmarks.decode_kernels`); this kernel reads weights packed in 16-column panels,
 which the hardware prefetchers stream whole. `rows_linear_int8`: the same product on int8 weights with one
@@ -128,6 +129,9 @@ def _load():
                 path = _build()
                 lib = ctypes.CDLL(str(path))
                 fn, fn_i8, step = lib.mmgpt_rows_linear, lib.mmgpt_rows_linear_i8, lib.mmgpt_decode_step
+                lib.mmgpt_set_avx512.argtypes, lib.mmgpt_set_avx512.restype = [ctypes.c_int], ctypes.c_int
+                _state["set_avx512"] = lib.mmgpt_set_avx512
+                _state["avx512"] = bool(lib.mmgpt_set_avx512(_avx512_wanted()))
                 i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
                 fn.restype = fn_i8.restype = step.restype = None
                 fn.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, ctypes.c_int]
@@ -147,6 +151,19 @@ def _load():
         log.info("mmgpt.speed.kernels: using torch's kernels for decoding (%s)", why)
     _state["fn"] = fn
     return fn
+
+
+def _avx512_wanted() -> int:
+    return int(os.environ.get("MMGPT_KERNELS_AVX512", "1").strip().lower() not in ("0", "false", "no", "off"))
+
+
+def set_avx512(on: bool) -> bool:
+    """Let several-row products use the AVX-512 code (where the CPU has it; the default, unless
+    MMGPT_KERNELS_AVX512=0) or keep them on the AVX2 code. Returns whether AVX-512 is now used."""
+    if not available():
+        return False
+    _state["avx512"] = bool(_state["set_avx512"](int(on)))
+    return _state["avx512"]
 
 
 def available() -> bool:

@@ -8,8 +8,15 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #define W16 16
+
+static void mmgpt_rows_linear_avx2(const float *x, int64_t R, int64_t K, const float *w, int64_t P,
+                                   const float *bias, int64_t N, float *out, int threads);
+static void mmgpt_rows_linear_i8_avx2(const float *x, int64_t R, int64_t K, const int8_t *q, int64_t P,
+                                      const float *scale, const float *bias, int64_t N, float *out, int threads);
 
 static inline void one_row(int np, const float *x, int64_t K, const float *w, float *y) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
@@ -80,9 +87,107 @@ static inline void finish(const float *src, const float *bias, int64_t col0, int
     for (int64_t c = 0; c < cols; ++c) out[c] = src[c];
 }
 
+/* ---- AVX-512: up to 16 rows against a panel in one pass (several rows, when the CPU has it) ----------
+ *
+ * Sixteen rows x 16 columns are sixteen zmm accumulators: each panel (fp32, or int8 widened in
+ * registers) is read from memory once per step for all the rows, while the AVX2 code reads it once per
+ * group of four, the first read waiting on memory and the next three finding it in cache. Built with
+ * the target attribute and chosen at run time (`mmgpt_set_avx512`, default: the CPU's cpuid); the same
+ * products, summed in the same order over k as the AVX2 code for fp32 weights.
+ */
+#define T512 __attribute__((target("avx512f")))
+#ifndef PF_AHEAD
+#define PF_AHEAD 64
+#endif
+
+static int avx512_on = -1;
+
+/* on: 1 use AVX-512 where the CPU has it, 0 never. Returns whether it is used. */
+int mmgpt_set_avx512(int on) {
+  __builtin_cpu_init();
+  avx512_on = on && __builtin_cpu_supports("avx512f");
+  return avx512_on;
+}
+
+static inline int use_avx512(void) {
+  if (avx512_on < 0) mmgpt_set_avx512(1);
+  return avx512_on;
+}
+
+static inline __attribute__((always_inline)) T512 __m512 panel_row(const void *w, int i8, int64_t k) {
+  if (i8)
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)w + k * W16))));
+  return _mm512_loadu_ps((const float *)w + k * W16);
+}
+
+/* NR rows (x, row stride ldx) against one panel (K x 16) -> y (NR x 16). */
+static inline __attribute__((always_inline)) T512 void rows_panel512(const int NR, const int i8, const float *x,
+                                                                      int64_t ldx, int64_t K, const void *w,
+                                                                      float *y) {
+  __m512 a[16];
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r) a[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    if (!i8 || (k & 3) == 0) /* the panel's line PF_AHEAD lines on: it comes from memory once per step */
+      _mm_prefetch((const char *)w + (k * W16 << (i8 ? 0 : 2)) + PF_AHEAD * 64, _MM_HINT_T0);
+    const __m512 wk = panel_row(w, i8, k);
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), wk, a[r]);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r) _mm512_storeu_ps(y + r * W16, a[r]);
+}
+
+#define ROWS512(NR, I8)                                                                                    \
+  static T512 void rows512_##NR##_##I8(const float *x, int64_t ldx, int64_t K, const void *w, float *y) { \
+    rows_panel512(NR, I8, x, ldx, K, w, y);                                                                \
+  }
+ROWS512(4, 0) ROWS512(8, 0) ROWS512(16, 0) ROWS512(4, 1) ROWS512(8, 1) ROWS512(16, 1)
+
+static inline int64_t group_rows(int64_t nr) { return nr <= 4 ? 4 : nr <= 8 ? 8 : 16; }
+
+/* x (R, K), R >= 2; w (P, K, 16) fp32 or int8 (i8); scale (N) for int8; bias (N) or NULL; out (R, N).
+ * Rows go in groups of 16; the last group runs as 4, 8 or 16 rows, x padded with zero rows to fill it. */
+static T512 void rows_linear512(const float *x, int64_t R, int64_t K, const void *w, int i8, int64_t P,
+                                const float *scale, const float *bias, int64_t N, float *out, int threads) {
+  const int64_t panel = K * W16 * (i8 ? 1 : 4); /* bytes */
+  const int64_t last = R / 16 * 16, rpad = R == last ? R : last + group_rows(R - last);
+  float *xp = NULL;
+  if (rpad > R) {
+    xp = (float *)calloc((size_t)(rpad * K), sizeof(float));
+    if (!xp) { /* no memory for the padding: the AVX2 code, which needs none */
+      if (i8) mmgpt_rows_linear_i8_avx2(x, R, K, (const int8_t *)w, P, scale, bias, N, out, threads);
+      else mmgpt_rows_linear_avx2(x, R, K, (const float *)w, P, bias, N, out, threads);
+      return;
+    }
+    memcpy(xp, x, (size_t)(R * K) * sizeof(float));
+    x = xp;
+  }
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t p = 0; p < P; ++p) {
+    float buf[16 * W16] __attribute__((aligned(64)));
+    const void *wp = (const char *)w + p * panel;
+    const int64_t col0 = p * W16, cols = W16 < N - col0 ? W16 : N - col0;
+    for (int64_t r0 = 0; r0 < R; r0 += 16) {
+      const int64_t nr = R - r0 < 16 ? R - r0 : 16, g = group_rows(nr);
+      const float *xr = x + r0 * K;
+      if (g == 4) (i8 ? rows512_4_1 : rows512_4_0)(xr, K, K, wp, buf);
+      else if (g == 8) (i8 ? rows512_8_1 : rows512_8_0)(xr, K, K, wp, buf);
+      else (i8 ? rows512_16_1 : rows512_16_0)(xr, K, K, wp, buf);
+      for (int64_t i = 0; i < nr; ++i) {
+        float *o = out + (r0 + i) * N + col0;
+        const float *src = buf + i * W16;
+        for (int64_t c = 0; c < cols; ++c)
+          o[c] = (i8 ? src[c] * scale[col0 + c] : src[c]) + (bias ? bias[col0 + c] : 0.0f);
+      }
+    }
+  }
+  free(xp);
+}
+
 /* x (R, K) contiguous; w (P, K, 16) packed; bias (N) or NULL; out (R, N); on `threads` threads. */
-void mmgpt_rows_linear(const float *x, int64_t R, int64_t K, const float *w, int64_t P, const float *bias,
-                       int64_t N, float *out, int threads) {
+static void mmgpt_rows_linear_avx2(const float *x, int64_t R, int64_t K, const float *w, int64_t P,
+                                   const float *bias, int64_t N, float *out, int threads) {
   const int64_t panel = K * W16;
   if (R == 1) {
     const int64_t units = (P + 3) / 4;
@@ -170,8 +275,8 @@ static inline void finish_i8(const float *src, const float *scale, const float *
 /* x (R, K) contiguous; q (P, K, 16) int8 packed; scale (N); bias (N) or NULL; out (R, N). Several rows:
  * per panel, KC rows of it at a time are widened to fp32 once (in L1) and every group of 4 rows runs
  * the fp32 panel product on them, so the conversion is paid once per panel, not once per row. */
-void mmgpt_rows_linear_i8(const float *x, int64_t R, int64_t K, const int8_t *q, int64_t P, const float *scale,
-                          const float *bias, int64_t N, float *out, int threads) {
+static void mmgpt_rows_linear_i8_avx2(const float *x, int64_t R, int64_t K, const int8_t *q, int64_t P,
+                                      const float *scale, const float *bias, int64_t N, float *out, int threads) {
   const int64_t panel = K * W16;
   if (R == 1) {
     const int64_t units = (P + 3) / 4;
@@ -209,6 +314,19 @@ void mmgpt_rows_linear_i8(const float *x, int64_t R, int64_t K, const int8_t *q,
   }
 }
 
+/* The public products: several rows take the AVX-512 code where it is on, else the AVX2 code. */
+void mmgpt_rows_linear(const float *x, int64_t R, int64_t K, const float *w, int64_t P, const float *bias,
+                       int64_t N, float *out, int threads) {
+  if (R >= 2 && use_avx512()) rows_linear512(x, R, K, w, 0, P, NULL, bias, N, out, threads);
+  else mmgpt_rows_linear_avx2(x, R, K, w, P, bias, N, out, threads);
+}
+
+void mmgpt_rows_linear_i8(const float *x, int64_t R, int64_t K, const int8_t *q, int64_t P, const float *scale,
+                          const float *bias, int64_t N, float *out, int threads) {
+  if (R >= 2 && use_avx512()) rows_linear512(x, R, K, q, 1, P, scale, bias, N, out, threads);
+  else mmgpt_rows_linear_i8_avx2(x, R, K, q, P, scale, bias, N, out, threads);
+}
+
 /* ---- the whole one-token step of a GPT-2 decoder with cross-attention ---------------------------
  *
  * One call per generated token instead of ~20 torch ops per layer: per layer, layer norm -> qkv ->
@@ -232,7 +350,7 @@ typedef struct {
   const float *ln1_w, *ln1_b, *ln2_w, *ln2_b, *lnc_w, *lnc_b;
   Lin qkv, proj, fc, fc_proj, cq, cproj;
   float *k_cache, *v_cache; /* (B, H, T, hd) of this layer */
-  const float *ck, *cv;     /* (B, H, M, hd) cross-attention keys and values, or NULL */
+  const float *ck, *cv;     /* cross-attention keys (B, H, hd, M), transposed, and values (B, H, M, hd); or NULL */
   int64_t n_mem;
   float ln1_eps, ln2_eps, lnc_eps, scale, cscale, pad_;
 } Layer;
@@ -273,29 +391,6 @@ static inline float dot_hd(const float *a, const float *b, int64_t hd) {
   return r;
 }
 
-static void attend(const float *q, const float *k, const float *v, int64_t n, int64_t hd, float scale,
-                   const float *bias, float *s, float *o) {
-  float mx = -INFINITY;
-  for (int64_t t = 0; t < n; ++t) {
-    s[t] = dot_hd(q, k + t * hd, hd) * scale + (bias ? bias[t] : 0.0f);
-    if (s[t] > mx) mx = s[t];
-  }
-  float sum = 0.0f;
-  for (int64_t t = 0; t < n; ++t) { s[t] = expf(s[t] - mx); sum += s[t]; }
-  const float inv = 1.0f / sum;
-  int64_t i = 0;
-  for (; i + 8 <= hd; i += 8) { /* o[i:i+8] = sum_t w_t v_t[i:i+8] */
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t t = 0; t < n; ++t) acc = _mm256_fmadd_ps(_mm256_set1_ps(s[t] * inv), _mm256_loadu_ps(v + t * hd + i), acc);
-    _mm256_storeu_ps(o + i, acc);
-  }
-  for (; i < hd; ++i) {
-    float acc = 0.0f;
-    for (int64_t t = 0; t < n; ++t) acc += s[t] * inv * v[t * hd + i];
-    o[i] = acc;
-  }
-}
-
 /* e^x for 8 floats: x = n ln2 + r (Cody-Waite), e^r by Cephes' degree-6 polynomial, 2^n from the exponent
  * bits; relative error ~1e-7 on [-88, 88], the input clamped there. */
 static inline __m256 exp8(__m256 x) {
@@ -312,6 +407,95 @@ static inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* Softmax of s[0:n] in place (max subtracted, e^x eight at a time); returns 1 / sum. */
+static inline float softmax_unnormed(float *s, int64_t n) {
+  float mx = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) mx = s[t] > mx ? s[t] : mx;
+  const __m256 m8 = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), m8));
+    _mm256_storeu_ps(s + t, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float buf[8] __attribute__((aligned(32)));
+  _mm256_store_ps(buf, acc);
+  float sum = buf[0] + buf[1] + buf[2] + buf[3] + buf[4] + buf[5] + buf[6] + buf[7];
+  for (; t < n; ++t) { s[t] = expf(s[t] - mx); sum += s[t]; }
+  return 1.0f / sum;
+}
+
+/* o (hd) = inv * sum_t s[t] v[t] over n value rows of hd floats. hd = 64: eight accumulators, one per
+ * 8 columns, so that the adds of consecutive t do not wait on each other. */
+static inline void weighted_values(const float *s, float inv, const float *v, int64_t n, int64_t hd, float *o) {
+  if (hd == 64) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int64_t t = 0; t < n; ++t) {
+      const __m256 w = _mm256_set1_ps(s[t]);
+      const float *vt = v + t * 64;
+      a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt), a0); a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8), a1);
+      a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 16), a2); a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 24), a3);
+      a4 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 32), a4); a5 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 40), a5);
+      a6 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 48), a6); a7 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 56), a7);
+    }
+    const __m256 iv = _mm256_set1_ps(inv);
+    _mm256_storeu_ps(o, _mm256_mul_ps(a0, iv)); _mm256_storeu_ps(o + 8, _mm256_mul_ps(a1, iv));
+    _mm256_storeu_ps(o + 16, _mm256_mul_ps(a2, iv)); _mm256_storeu_ps(o + 24, _mm256_mul_ps(a3, iv));
+    _mm256_storeu_ps(o + 32, _mm256_mul_ps(a4, iv)); _mm256_storeu_ps(o + 40, _mm256_mul_ps(a5, iv));
+    _mm256_storeu_ps(o + 48, _mm256_mul_ps(a6, iv)); _mm256_storeu_ps(o + 56, _mm256_mul_ps(a7, iv));
+    return;
+  }
+  int64_t i = 0;
+  for (; i + 8 <= hd; i += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n; ++t) acc = _mm256_fmadd_ps(_mm256_set1_ps(s[t]), _mm256_loadu_ps(v + t * hd + i), acc);
+    _mm256_storeu_ps(o + i, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
+  }
+  for (; i < hd; ++i) {
+    float acc = 0.0f;
+    for (int64_t t = 0; t < n; ++t) acc += s[t] * v[t * hd + i];
+    o[i] = acc * inv;
+  }
+}
+
+/* One query against n keys (rows of hd floats) and values; bias (n) or NULL; s scratch (n). */
+static void attend(const float *q, const float *k, const float *v, int64_t n, int64_t hd, float scale,
+                   const float *bias, float *s, float *o) {
+  for (int64_t t = 0; t < n; ++t) s[t] = dot_hd(q, k + t * hd, hd) * scale + (bias ? bias[t] : 0.0f);
+  weighted_values(s, softmax_unnormed(s, n), v, n, hd, o);
+}
+
+/* The same with the keys transposed, kt (hd, n): the scores come 32 keys at a time, no horizontal sums
+ * (the image's keys in cross-attention, made once per call). */
+static void attend_t(const float *q, const float *kt, const float *v, int64_t n, int64_t hd, float scale,
+                     float *s, float *o) {
+  int64_t t = 0;
+  const __m256 sc = _mm256_set1_ps(scale);
+  for (; t + 32 <= n; t += 32) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 0; i < hd; ++i) {
+      const __m256 qi = _mm256_set1_ps(q[i]);
+      const float *r = kt + i * n + t;
+      a0 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(r), a0); a1 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(r + 8), a1);
+      a2 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(r + 16), a2); a3 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(r + 24), a3);
+    }
+    _mm256_storeu_ps(s + t, _mm256_mul_ps(a0, sc)); _mm256_storeu_ps(s + t + 8, _mm256_mul_ps(a1, sc));
+    _mm256_storeu_ps(s + t + 16, _mm256_mul_ps(a2, sc)); _mm256_storeu_ps(s + t + 24, _mm256_mul_ps(a3, sc));
+  }
+  for (; t + 8 <= n; t += 8) {
+    __m256 a0 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < hd; ++i) a0 = _mm256_fmadd_ps(_mm256_set1_ps(q[i]), _mm256_loadu_ps(kt + i * n + t), a0);
+    _mm256_storeu_ps(s + t, _mm256_mul_ps(a0, sc));
+  }
+  for (; t < n; ++t) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < hd; ++i) acc += q[i] * kt[i * n + t];
+    s[t] = acc * scale;
+  }
+  weighted_values(s, softmax_unnormed(s, n), v, n, hd, o);
 }
 
 static void gelu_rows(float *x, int64_t n, int64_t tanh_form, int threads) {
@@ -370,8 +554,8 @@ void mmgpt_decode_step(const Layer *layers, int64_t L, int64_t B, int64_t D, int
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B * H > 1)
       for (int64_t bh = 0; bh < B * H; ++bh) {
         const int64_t b = bh / H, hh = bh % H;
-        attend(big + b * D + hh * hd, l->ck + bh * M * hd, l->cv + bh * M * hd, M, hd, l->cscale, NULL,
-               scores + bh * (T > M ? T : M), x + b * D + hh * hd);
+        attend_t(big + b * D + hh * hd, l->ck + bh * hd * M, l->cv + bh * M * hd, M, hd, l->cscale,
+                 scores + bh * (T > M ? T : M), x + b * D + hh * hd);
       }
       lin_rows(&l->cproj, x, B, tmp, threads);
       for (int64_t i = 0; i < B * D; ++i) h[i] += tmp[i];
