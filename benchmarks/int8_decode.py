@@ -9,7 +9,9 @@ mmgpt.speed.kernels.rows_linear_int8 (fp32 activations, the road mmgpt takes), a
 `aten._weight_int8pack_mm` with fp32 and with bf16 activations (the other road), plus MKL's addmm.
 
 Agreement (`--model`, e.g. what `make demo` wrote): greedy captions of the shapes test images by the model
-in fp32 and loaded with quantize="int8": the fraction that are identical, and each one's exact match.
+in fp32 and loaded with quantize="int8": the fraction that are identical, and each one's exact match
+(on a CPU with AVX-512 VNNI the int8 products round the activations to int8 too; MMGPT_KERNELS_VNNI=0
+keeps them fp32).
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ def time_products(rows: int, iters: int) -> dict:
     return {name: 1e3 * t for name, t in interleaved_medians(product_fns(rows), iters, warmup=1).items()}
 
 
-def agreement(model_dir: str, images: int = 300, batch: int = 50) -> dict:
-    """Greedy captions of `images` shapes test images, fp32 against int8 (same folder, loaded twice)."""
+def agreement(model_dir: str, images: int = 300, batch: int = 16) -> dict:
+    """Greedy captions of `images` shapes test images, fp32 against int8 (same folder, loaded twice), in
+    batches of 16: what the int8 kernels decode (more rows than kernels.MAX_ROWS go to torch's products
+    on the dequantized weights; until 2026-12-02 this ran batches of 50, so it compared those)."""
     from mmgpt import load
     from train.data.shapes import ShapesDataset
 

@@ -39,4 +39,19 @@ def isa(request):
     if kernels.set_avx512(request.param == "avx512") != (request.param == "avx512"):
         pytest.skip("this CPU has no AVX-512")
     yield request.param
-    kernels.set_avx512(bool(kernels._avx512_wanted()))
+    kernels.set_avx512(bool(kernels._wanted("MMGPT_KERNELS_AVX512")))
+
+
+@pytest.fixture(params=["fp32 activations", "vnni"])
+def vnni(request):
+    """int8 products with fp32 activations, then on VNNI with int8 activations (skipped where the CPU
+    lacks it). The test's value: True when VNNI runs."""
+    from mmgpt.speed import kernels
+
+    if not kernels.available():
+        pytest.skip("the kernels do not build here (x86-64 Linux with AVX2 and a C compiler)")
+    want = request.param == "vnni"
+    if kernels.set_vnni(want) != want:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    yield want
+    kernels.set_vnni(bool(kernels._wanted("MMGPT_KERNELS_VNNI")))

@@ -26,9 +26,24 @@ def test_quantize_weight_by_hand():
         check_mode("int4")
 
 
+def round_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row of x rounded to int8 steps of its own scale (max |x| / 127, half to even), in fp32 as the
+    VNNI kernel rounds it, back as floats: the activations its products compute with."""
+    amax = x.abs().amax(dim=1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return torch.round(x * inv).clamp_(-127, 127) * (amax / 127.0)
+
+
+def test_round_rows_by_hand():
+    x = torch.tensor([[1.0, -0.5, 0.25, 0.0], [0.0, 0.0, 0.0, 0.0], [254.0, 1.0, 2.0, 3.0]])
+    # row 0: step 1/127, so 0.5 -> 63.5 -> 64 (even), 0.25 -> 31.75 -> 32; row 2: step 2, 1 -> 0.5 -> 0, 3 -> 1.5 -> 2
+    want = torch.tensor([[1.0, -64 / 127, 32 / 127, 0.0], [0.0, 0.0, 0.0, 0.0], [254.0, 0.0, 2.0, 4.0]])
+    torch.testing.assert_close(round_rows(x), want)
+
+
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
-def test_rows_linear_int8_matches_a_float64_product(threads, isa):
+def test_rows_linear_int8_matches_a_float64_product(threads, isa, vnni):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -41,6 +56,8 @@ def test_rows_linear_int8_matches_a_float64_product(threads, isa):
                 f = kernels.rows_linear_int8(q, scale, bias)
                 for rows in (1, 2, 3, 5, 16, 17, 32, 40):  # 40: past MAX_ROWS, torch's addmm on q * scale
                     x = torch.randn(rows, k, generator=g)
+                    if vnni and rows <= kernels.MAX_ROWS:
+                        x = round_rows(x)  # the activations VNNI computes with
                     ref = (x.double() @ q.double()) * scale.double() + (0 if bias is None else bias.double())
                     y = f(x)
                     assert y.shape == (rows, n) and y.dtype == torch.float32
@@ -89,7 +106,7 @@ def trained(single_torch_thread):
 
 
 @needs_kernel
-def test_int8_generation_equals_fp32_on_a_trained_model(trained, monkeypatch):
+def test_int8_generation_equals_fp32_on_a_trained_model(trained, monkeypatch, vnni):
     model, px, ids, loss = trained
     assert loss < 0.05  # it has learned its captions
     noisy = px + 0.3 * torch.randn(px.shape, generator=torch.Generator().manual_seed(13))  # images it has not seen
@@ -105,7 +122,7 @@ def test_int8_generation_equals_fp32_on_a_trained_model(trained, monkeypatch):
     same = (int8 == fp32).all(dim=1).float().mean()
     # The threshold: at least 46 of the 48 sequences (>= 95%) token for token the same as fp32.
     assert same >= 46 / 48, same
-    # Batch 1 (the one-row kernel) gives the batch's tokens.
+    # Batch 1 (the one-row kernel) gives the batch's tokens (with VNNI too: each row has its own scale).
     for i in (0, 30):
         assert torch.equal(q.generate(pixel_values=images[i: i + 1], max_new_tokens=9)[0], int8[i])
 

@@ -114,17 +114,72 @@ def test_the_c_decode_step_gives_the_logits_of_the_models_forward(monkeypatch, i
     monkeypatch.setattr(decode, "_c_step", capture)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
+    vnni = kernels.vnni()
+    kernels.set_vnni(False)  # int8 weights with fp32 activations: what the forward computes (VNNI: the next test)
     try:
         out = model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=8,
                              min_new_tokens=8, do_sample=False)
     finally:
         torch.set_num_threads(old)
+        kernels.set_vnni(vnni)
     assert len(seen) == 7  # the first token comes from the prompt
     full_mask = torch.cat([mask, torch.ones(3, out.shape[1] - ids.shape[1], dtype=torch.long)], dim=1)
     with torch.no_grad():
         ref = model(pixel_values=px, input_ids=out, attention_mask=full_mask, compute_itc=False).logits
     for pos, logits in seen:  # the step at position pos predicts the token at pos + 1
         torch.testing.assert_close(logits, ref[:, pos], rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_c_decode_step_on_vnni_gives_the_torch_steps_logits(monkeypatch, threads, vnni):
+    """With int8 activations (VNNI) the forward is no reference; the torch step is: it runs the same
+    products (`rows_linear_int8`, the same kernel) and its own layer norms, attention and GELU. Both
+    loops' logits at every step, and their tokens, agree."""
+    from test_model import GPT, VIT, left_padded_prompts, make_model
+
+    from mmgpt.speed import decode
+    from mmgpt.speed.quantize import quantize_model
+
+    model = quantize_model(make_model(seed=4, vision={"backend": "vit", "config": {**VIT, "image_size": 56}},
+                                      text={**GPT, "n_head": 1}), "int8")
+    _, ids, mask = left_padded_prompts()
+    px = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(5))
+    runs, built = {}, decode._c_step
+
+    def generate(c_step: bool):
+        seen = []
+
+        def capture(*args, **kw):
+            step = built(*args, **kw) if c_step else None
+            assert (step is not None) == c_step
+            return None if step is None else (lambda h, pos: seen.append(step(h, pos).clone()) or seen[-1].clone())
+
+        monkeypatch.setattr(decode, "_c_step", capture)
+        if not c_step:  # the torch step: record its logits through the loop's step calls
+            real_loop = decode._token_loop
+
+            def loop(logits, step, *a, **kw):
+                return real_loop(logits, lambda *s: seen.append(step(*s).clone()) or seen[-1].clone(), *a, **kw)
+
+            monkeypatch.setattr(decode, "_token_loop", loop)
+        out = model.generate(pixel_values=px, input_ids=ids, attention_mask=mask, max_new_tokens=8,
+                             min_new_tokens=8, do_sample=False)
+        return out, seen
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runs["c"] = generate(True)
+        monkeypatch.undo()
+        runs["torch"] = generate(False)
+    finally:
+        torch.set_num_threads(old)
+    (out_c, seen_c), (out_t, seen_t) = runs["c"], runs["torch"]
+    assert torch.equal(out_c, out_t)
+    assert len(seen_c) == len(seen_t) == 7
+    for a, b in zip(seen_c, seen_t):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @needs_kernel

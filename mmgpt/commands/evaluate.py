@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-meteor", action="store_true",
                         help="skip METEOR (it starts a Java VM, which takes seconds)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--quantize", default=None, choices=["int8"],
+                        help="int8: evaluate the model as `--quantize int8` runs it elsewhere (default: none)")
 
 
 @quiet
@@ -56,7 +58,7 @@ def run(args) -> int:
         except (DataError, ValueError, OSError) as err:
             raise UserError(f"--data: {err}") from None
     caught += got
-    vl = load_model(args.model, device=args.device)
+    vl = load_model(args.model, device=args.device, quantize=args.quantize)
 
     tasks = ("caption", "vqa", "retrieval", "chat") if args.task == "all" else (args.task,)
     scorers = tuple(m for m in CAPTION_METRICS if not (args.no_meteor and m == "meteor"))

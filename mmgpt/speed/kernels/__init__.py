@@ -45,7 +45,8 @@ class Lin(ctypes.Structure):
     """A packed product as `mmgpt_decode_step` reads it (rows_linear.c's `Lin`)."""
 
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("K", ctypes.c_int64), ("N", ctypes.c_int64), ("P", ctypes.c_int64), ("int8", ctypes.c_int64)]
+                ("K", ctypes.c_int64), ("N", ctypes.c_int64), ("P", ctypes.c_int64), ("int8", ctypes.c_int64),
+                ("w4", ctypes.c_void_p), ("colsum", ctypes.c_void_p)]
 
 
 class Layer(ctypes.Structure):
@@ -129,9 +130,6 @@ def _load():
                 path = _build()
                 lib = ctypes.CDLL(str(path))
                 fn, fn_i8, step = lib.mmgpt_rows_linear, lib.mmgpt_rows_linear_i8, lib.mmgpt_decode_step
-                lib.mmgpt_set_avx512.argtypes, lib.mmgpt_set_avx512.restype = [ctypes.c_int], ctypes.c_int
-                _state["set_avx512"] = lib.mmgpt_set_avx512
-                _state["avx512"] = bool(lib.mmgpt_set_avx512(_avx512_wanted()))
                 i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
                 fn.restype = fn_i8.restype = step.restype = None
                 fn.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, ctypes.c_int]
@@ -139,6 +137,13 @@ def _load():
                 step.argtypes = [ctypes.POINTER(Layer), i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, f32,
                                  ctypes.POINTER(Lin), ptr, ptr, ptr, ptr, i64, ctypes.c_int]
                 _state["fn_i8"], _state["step"] = fn_i8, step
+                for name in ("mmgpt_set_avx512", "mmgpt_set_vnni"):
+                    getattr(lib, name).argtypes, getattr(lib, name).restype = [ctypes.c_int], ctypes.c_int
+                lib.mmgpt_lin.argtypes, lib.mmgpt_lin.restype = [ctypes.POINTER(Lin), ptr, i64, ptr, ctypes.c_int], None
+                _state["set_avx512"], _state["set_vnni"], _state["lin"] = (lib.mmgpt_set_avx512, lib.mmgpt_set_vnni,
+                                                                           lib.mmgpt_lin)
+                _state["avx512"] = bool(lib.mmgpt_set_avx512(_wanted("MMGPT_KERNELS_AVX512")))
+                _state["vnni"] = bool(lib.mmgpt_set_vnni(_wanted("MMGPT_KERNELS_VNNI")))
                 break
             except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as err:
                 why, fn = f"build failed: {err}", None
@@ -153,8 +158,8 @@ def _load():
     return fn
 
 
-def _avx512_wanted() -> int:
-    return int(os.environ.get("MMGPT_KERNELS_AVX512", "1").strip().lower() not in ("0", "false", "no", "off"))
+def _wanted(var: str) -> int:
+    return int(os.environ.get(var, "1").strip().lower() not in ("0", "false", "no", "off"))
 
 
 def set_avx512(on: bool) -> bool:
@@ -164,6 +169,30 @@ def set_avx512(on: bool) -> bool:
         return False
     _state["avx512"] = bool(_state["set_avx512"](int(on)))
     return _state["avx512"]
+
+
+def set_vnni(on: bool) -> bool:
+    """Let int8 products round the activations to int8 too and run on AVX-512 VNNI (where the CPU has
+    it; the default, unless MMGPT_KERNELS_VNNI=0), or keep fp32 activations. Returns whether VNNI is now used."""
+    if not available():
+        return False
+    _state["vnni"] = bool(_state["set_vnni"](int(on)))
+    return _state["vnni"]
+
+
+def vnni() -> bool:
+    """Whether int8 products run int8 x int8 on VNNI now (`set_vnni`)."""
+    return available() and _state.get("vnni", False)
+
+
+def pack_vnni(qweight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(in, out) int8 -> ((P, K4, 16, 4) int8: 4 consecutive inputs of 16 output columns per 64 bytes, zero-
+    padded; P = ceil(out / 16), K4 = ceil(in / 4)), and the (P * 16,) int32 column sums."""
+    k, n = qweight.shape
+    p, k4 = -(-n // PANEL), -(-k // 4)
+    w = F.pad(qweight.detach(), (0, p * PANEL - n, 0, 4 * k4 - k))  # (4 K4, 16 P)
+    colsum = w.sum(dim=0, dtype=torch.int32).contiguous()
+    return w.view(k4, 4, p, PANEL).permute(2, 0, 3, 1).contiguous(), colsum
 
 
 def available() -> bool:
@@ -227,10 +256,14 @@ def rows_linear_int8(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Ten
                          f"{qweight.dtype} {tuple(qweight.shape)} and {tuple(scale.shape)}")
     k, n = qweight.shape
     wp = pack(qweight)
+    w4, colsum = pack_vnni(qweight)
     p = wp.shape[0]
     s = scale.detach().float().contiguous()
     b = None if bias is None else bias.detach().float().contiguous()
     w_ref = None  # the dequantized weight, made only if an input needs torch's product
+    lin = Lin(wp.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), k, n, p, 1, w4.data_ptr(),
+              colsum.data_ptr())
+    lin_fn, lin_ref = _state["lin"], ctypes.byref(lin)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         nonlocal w_ref
@@ -242,12 +275,11 @@ def rows_linear_int8(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Ten
             return torch.mm(x, w_ref.to(x.dtype)) if b is None else torch.addmm(b.to(x.dtype), x, w_ref.to(x.dtype))
         x = x.contiguous()
         out = torch.empty(rows, n, dtype=torch.float32)
-        fn(x.data_ptr(), rows, k, wp.data_ptr(), p, s.data_ptr(), None if b is None else b.data_ptr(), n,
-           out.data_ptr(), torch.get_num_threads())
+        lin_fn(lin_ref, x.data_ptr(), rows, out.data_ptr(), torch.get_num_threads())  # VNNI where it is on
         return out
 
-    run.packed = (wp, s, b)
-    run.lin = Lin(wp.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), k, n, p, 1)
+    run.packed = (wp, s, b, w4, colsum)
+    run.lin = lin
     return run
 
 
