@@ -288,6 +288,33 @@ def test_fast_vit_forward_matches_hugging_face(monkeypatch, onednn, stem):
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not built into this torch")
+def test_fast_vit_attention_kernel_matches_hugging_face(monkeypatch, isa):
+    """Heads 32 wide and 50 tokens (blocks of 16 queries and keys, the last ones partial): on AVX-512 the
+    attention is mmgpt.speed.kernels.vit_attention (it must run), on AVX2 SDPA; both give HF's forward."""
+    from mmgpt.speed import kernels
+
+    cfg = dict(image_size=56, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=128)
+    ran = []
+    real = kernels.vit_attention
+    monkeypatch.setattr(kernels, "vit_attention", lambda *a: ran.append(r := real(*a)) or r)
+    torch.manual_seed(1)
+    enc = build_encoder("vit", cfg).eval()
+    ref = ViTModel(ViTConfig(**cfg), add_pooling_layer=False).eval()
+    ref.embeddings.patch_embeddings.projection = enc.model.embeddings.patch_embeddings.projection
+    ref.load_state_dict(enc.model.state_dict())
+    with torch.no_grad():
+        for layer in ref.layers:  # sharp attention, so that a wrong score shows
+            layer.attention.q_proj.weight.mul_(4.0)
+        enc.model.load_state_dict(ref.state_dict())
+        x = torch.randn(3, 3, 56, 56)
+        want = ref(pixel_values=x).last_hidden_state
+        got = vit.infer(enc, x).patch_tokens
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert len(ran) == 2 and all((r is not None) == (isa == "avx512") for r in ran)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not built into this torch")
 @pytest.mark.parametrize("gelu", [None, "tanh", "none"])
 def test_fastgen_onednn_linear_matches_addmm_and_gelu(gelu):
     from mmgpt.speed.plan import packed_linear as _packed_linear

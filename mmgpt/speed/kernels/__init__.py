@@ -142,6 +142,9 @@ def _load():
                 lib.mmgpt_lin.argtypes, lib.mmgpt_lin.restype = [ctypes.POINTER(Lin), ptr, i64, ptr, ctypes.c_int], None
                 _state["set_avx512"], _state["set_vnni"], _state["lin"] = (lib.mmgpt_set_avx512, lib.mmgpt_set_vnni,
                                                                            lib.mmgpt_lin)
+                lib.mmgpt_vit_attention.argtypes = [ptr, i64, i64, i64, i64, f32, ptr, ctypes.c_int]
+                lib.mmgpt_vit_attention.restype = ctypes.c_int
+                _state["vit_attention"] = lib.mmgpt_vit_attention
                 _state["avx512"] = bool(lib.mmgpt_set_avx512(_wanted("MMGPT_KERNELS_AVX512")))
                 _state["vnni"] = bool(lib.mmgpt_set_vnni(_wanted("MMGPT_KERNELS_VNNI")))
                 break
@@ -281,6 +284,22 @@ def rows_linear_int8(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Ten
     run.packed = (wp, s, b, w4, colsum)
     run.lin = lin
     return run
+
+
+def vit_attention(qkv: torch.Tensor, b: int, n: int, heads: int, scale: float) -> torch.Tensor | None:
+    """A ViT's self-attention for inference, from its fused QKV product: qkv (B*N, 3D) fp32 on the CPU
+    (q | k | v, each head's hd columns together) -> (B*N, D), the heads side by side as the output
+    projection reads them; or None where the AVX-512 code cannot run (not on, head width not a multiple of
+    16, not a contiguous fp32 CPU tensor): the caller then runs SDPA."""
+    if (not available() or not _state.get("avx512") or qkv.dtype != torch.float32 or qkv.device.type != "cpu"
+            or qkv.dim() != 2 or not qkv.is_contiguous() or qkv.shape[0] != b * n or qkv.shape[1] % (3 * heads)):
+        return None
+    d = qkv.shape[1] // 3
+    out = torch.empty(b * n, d)
+    if _state["vit_attention"](qkv.data_ptr(), b, n, heads, d // heads, scale, out.data_ptr(),
+                               torch.get_num_threads()) != 0:
+        return None
+    return out
 
 
 def decode_step():

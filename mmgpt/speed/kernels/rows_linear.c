@@ -11,6 +11,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define W16 16
 
@@ -519,7 +522,15 @@ static inline __m256 exp8(__m256 x) {
 /* Softmax of s[0:n] in place (max subtracted, e^x eight at a time); returns 1 / sum. */
 static inline float softmax_unnormed(float *s, int64_t n) {
   float mx = -INFINITY;
-  for (int64_t t = 0; t < n; ++t) mx = s[t] > mx ? s[t] : mx;
+  int64_t t0 = 0;
+  if (n >= 8) {
+    __m256 m = _mm256_loadu_ps(s);
+    for (t0 = 8; t0 + 8 <= n; t0 += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + t0));
+    float buf[8] __attribute__((aligned(32)));
+    _mm256_store_ps(buf, m);
+    for (int i = 0; i < 8; ++i) mx = buf[i] > mx ? buf[i] : mx;
+  }
+  for (int64_t t = t0; t < n; ++t) mx = s[t] > mx ? s[t] : mx;
   const __m256 m8 = _mm256_set1_ps(mx);
   __m256 acc = _mm256_setzero_ps();
   int64_t t = 0;
@@ -624,6 +635,81 @@ static void gelu_rows(float *x, int64_t n, int64_t tanh_form, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n >= 4096)
     for (int64_t i = 0; i < n; ++i) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.7071067811865476f));
   }
+}
+
+/* ---- a ViT's self-attention on AVX-512 (inference) -------------------------------------------------
+ *
+ * For each (image, head): the keys transposed once into a scratch (hd, Np) block, then per block of 16
+ * queries the scores (16 x Np) as 16 rows against 16-key panels, the softmax, and the output (16 x hd)
+ * as 16 rows of weights against 16-column panels of the values; the results written straight into the
+ * (B*N, D) layout the output projection reads. Sixteen zmm accumulators per product, as above.
+ */
+
+/* NR = 16 rows of x (stride ldx) against a panel of 16 columns whose K rows lie ldw floats apart -> y
+ * (16 x 16, stride ldy), scaled by `scale`. */
+static inline __attribute__((always_inline)) T512 void rows16_strided(const float *x, int64_t ldx, int64_t K,
+                                                                       const float *w, int64_t ldw, float scale,
+                                                                       float *y, int64_t ldy) {
+  __m512 a[16];
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) a[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 wk = _mm512_loadu_ps(w + k * ldw);
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), wk, a[r]);
+  }
+  const __m512 sc = _mm512_set1_ps(scale);
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) _mm512_storeu_ps(y + r * ldy, _mm512_mul_ps(a[r], sc));
+}
+
+/* qkv (B*N, 3D): q | k | v, head h at columns h*hd of each; out (B*N, D). hd a multiple of 16.
+ * Returns 0, or -1 (nothing written) without AVX-512 or memory. */
+static T512 int vit_attention512(const float *qkv, int64_t B, int64_t N, int64_t H, int64_t hd, float scale,
+                                 float *out, int threads) {
+  const int64_t D = H * hd, ld = 3 * D, Np = (N + 15) / 16 * 16;
+  const int nt = threads > 1 ? threads : 1;
+  /* per thread: keys transposed (hd x Np), a query block (16 x hd), scores (16 x Np), output (16 x hd) */
+  const int64_t per = hd * Np + 16 * hd + 16 * Np + 16 * hd;
+  float *scratch = (float *)aligned_alloc(64, (size_t)(nt * per) * sizeof(float) / 64 * 64 + 64);
+  if (!scratch) return -1;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    int tid = 0;
+#ifdef _OPENMP
+    tid = omp_get_thread_num();
+#endif
+    float *kt = scratch + tid * per, *qb = kt + hd * Np, *sb = qb + 16 * hd, *ob = sb + 16 * Np;
+    const int64_t b = bh / H, h = bh % H;
+    const float *base = qkv + b * N * ld;
+    for (int64_t j = 0; j < N; ++j) { /* key j's row read whole, written down column j */
+      const float *kj = base + j * ld + D + h * hd;
+      for (int64_t d = 0; d < hd; ++d) kt[d * Np + j] = kj[d];
+    }
+    for (int64_t d = 0; d < hd; ++d)
+      for (int64_t j = N; j < Np; ++j) kt[d * Np + j] = 0.0f;
+    for (int64_t r0 = 0; r0 < N; r0 += 16) {
+      const int64_t nr = N - r0 < 16 ? N - r0 : 16;
+      for (int64_t r = 0; r < 16; ++r)
+        for (int64_t i = 0; i < hd; ++i) qb[r * hd + i] = r < nr ? base[(r0 + r) * ld + h * hd + i] : 0.0f;
+      for (int64_t j = 0; j < Np; j += 16) rows16_strided(qb, hd, hd, kt + j, Np, scale, sb + j, Np);
+      float inv[16];
+      for (int64_t r = 0; r < 16; ++r) inv[r] = softmax_unnormed(sb + r * Np, N); /* over the N real keys */
+      for (int64_t c = 0; c < hd; c += 16) rows16_strided(sb, Np, N, base + 2 * D + h * hd + c, ld, 1.0f, ob + c, hd);
+      for (int64_t r = 0; r < nr; ++r) {
+        float *o = out + (b * N + r0 + r) * D + h * hd;
+        for (int64_t i = 0; i < hd; ++i) o[i] = ob[r * hd + i] * inv[r];
+      }
+    }
+  }
+  free(scratch);
+  return 0;
+}
+
+int mmgpt_vit_attention(const float *qkv, int64_t B, int64_t N, int64_t H, int64_t hd, float scale, float *out,
+                        int threads) {
+  if (!use_avx512() || hd % 16 != 0 || N < 1) return -1;
+  return vit_attention512(qkv, B, N, H, hd, scale, out, threads);
 }
 
 /* One product as the decoding step runs it (for the Python side's own calls). */
