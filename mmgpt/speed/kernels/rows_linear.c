@@ -118,33 +118,37 @@ static inline int use_avx512(void) {
   return avx512_on;
 }
 
-static inline __attribute__((always_inline)) T512 __m512 panel_row(const void *w, int i8, int64_t k) {
+static inline __attribute__((always_inline)) T512 __m512 panel_row(const void *w, int i8, int64_t k, int64_t ldw) {
   if (i8)
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)w + k * W16))));
-  return _mm512_loadu_ps((const float *)w + k * W16);
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)w + k * ldw))));
+  return _mm512_loadu_ps((const float *)w + k * ldw);
 }
 
-/* NR rows (x, row stride ldx) against one panel (K x 16) -> y (NR x 16). */
+/* NR rows (x, row stride ldx) against one panel of 16 columns whose K rows lie ldw elements apart (W16
+ * for a packed panel) -> y (NR x 16, row stride ldy). The panel's rows are prefetched PF_AHEAD lines on:
+ * a packed panel comes from memory once per decoding step. */
 static inline __attribute__((always_inline)) T512 void rows_panel512(const int NR, const int i8, const float *x,
                                                                       int64_t ldx, int64_t K, const void *w,
-                                                                      float *y) {
+                                                                      int64_t ldw, float *y, int64_t ldy) {
   __m512 a[16];
 #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r) a[r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    if (!i8 || (k & 3) == 0) /* the panel's line PF_AHEAD lines on: it comes from memory once per step */
-      _mm_prefetch((const char *)w + (k * W16 << (i8 ? 0 : 2)) + PF_AHEAD * 64, _MM_HINT_T0);
-    const __m512 wk = panel_row(w, i8, k);
+    if (!i8)
+      _mm_prefetch((const char *)((const float *)w + (k + PF_AHEAD) * ldw), _MM_HINT_T0);
+    else if ((k & 3) == 0)
+      _mm_prefetch((const char *)w + k * ldw + PF_AHEAD * 64, _MM_HINT_T0);
+    const __m512 wk = panel_row(w, i8, k, ldw);
 #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), wk, a[r]);
   }
 #pragma GCC unroll 16
-  for (int r = 0; r < NR; ++r) _mm512_storeu_ps(y + r * W16, a[r]);
+  for (int r = 0; r < NR; ++r) _mm512_storeu_ps(y + r * ldy, a[r]);
 }
 
 #define ROWS512(NR, I8)                                                                                    \
   static T512 void rows512_##NR##_##I8(const float *x, int64_t ldx, int64_t K, const void *w, float *y) { \
-    rows_panel512(NR, I8, x, ldx, K, w, y);                                                                \
+    rows_panel512(NR, I8, x, ldx, K, w, W16, y, W16);                                                      \
   }
 ROWS512(4, 0) ROWS512(8, 0) ROWS512(16, 0) ROWS512(4, 1) ROWS512(8, 1) ROWS512(16, 1)
 
@@ -642,26 +646,8 @@ static void gelu_rows(float *x, int64_t n, int64_t tanh_form, int threads) {
  * For each (image, head): the keys transposed once into a scratch (hd, Np) block, then per block of 16
  * queries the scores (16 x Np) as 16 rows against 16-key panels, the softmax, and the output (16 x hd)
  * as 16 rows of weights against 16-column panels of the values; the results written straight into the
- * (B*N, D) layout the output projection reads. Sixteen zmm accumulators per product, as above.
+ * (B*N, D) layout the output projection reads. The products are rows_panel512 on strided panels.
  */
-
-/* NR = 16 rows of x (stride ldx) against a panel of 16 columns whose K rows lie ldw floats apart -> y
- * (16 x 16, stride ldy), scaled by `scale`. */
-static inline __attribute__((always_inline)) T512 void rows16_strided(const float *x, int64_t ldx, int64_t K,
-                                                                       const float *w, int64_t ldw, float scale,
-                                                                       float *y, int64_t ldy) {
-  __m512 a[16];
-#pragma GCC unroll 16
-  for (int r = 0; r < 16; ++r) a[r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const __m512 wk = _mm512_loadu_ps(w + k * ldw);
-#pragma GCC unroll 16
-    for (int r = 0; r < 16; ++r) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * ldx + k]), wk, a[r]);
-  }
-  const __m512 sc = _mm512_set1_ps(scale);
-#pragma GCC unroll 16
-  for (int r = 0; r < 16; ++r) _mm512_storeu_ps(y + r * ldy, _mm512_mul_ps(a[r], sc));
-}
 
 /* qkv (B*N, 3D): q | k | v, head h at columns h*hd of each; out (B*N, D). hd a multiple of 16.
  * Returns 0, or -1 (nothing written) without AVX-512 or memory. */
@@ -691,11 +677,11 @@ static T512 int vit_attention512(const float *qkv, int64_t B, int64_t N, int64_t
     for (int64_t r0 = 0; r0 < N; r0 += 16) {
       const int64_t nr = N - r0 < 16 ? N - r0 : 16;
       for (int64_t r = 0; r < 16; ++r)
-        for (int64_t i = 0; i < hd; ++i) qb[r * hd + i] = r < nr ? base[(r0 + r) * ld + h * hd + i] : 0.0f;
-      for (int64_t j = 0; j < Np; j += 16) rows16_strided(qb, hd, hd, kt + j, Np, scale, sb + j, Np);
+        for (int64_t i = 0; i < hd; ++i) qb[r * hd + i] = r < nr ? base[(r0 + r) * ld + h * hd + i] * scale : 0.0f;
+      for (int64_t j = 0; j < Np; j += 16) rows_panel512(16, 0, qb, hd, hd, kt + j, Np, sb + j, Np);
       float inv[16];
       for (int64_t r = 0; r < 16; ++r) inv[r] = softmax_unnormed(sb + r * Np, N); /* over the N real keys */
-      for (int64_t c = 0; c < hd; c += 16) rows16_strided(sb, Np, N, base + 2 * D + h * hd + c, ld, 1.0f, ob + c, hd);
+      for (int64_t c = 0; c < hd; c += 16) rows_panel512(16, 0, sb, Np, N, base + 2 * D + h * hd + c, ld, ob + c, hd);
       for (int64_t r = 0; r < nr; ++r) {
         float *o = out + (b * N + r0 + r) * D + h * hd;
         for (int64_t i = 0; i < hd; ++i) o[i] = ob[r * hd + i] * inv[r];
